@@ -1,0 +1,96 @@
+// Autograd node of the alpha-weighted cross-entropy, in C++ so a training step pays no Python
+// autograd overhead. On the CPU with reduction mean/sum the forward kernel already wrote the gradient
+// for a unit grad_output; backward only hands it over (scaled in place if grad_output != 1). On CUDA,
+// or for reduction none, backward reads the logits once more and writes the gradient once.
+#include <torch/autograd.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
+#include <torch/library.h>
+
+#include "autograd_util.h"
+#include "loss_common.h"
+
+namespace fastadapt {
+namespace {
+
+using at::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+using ForwardSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
+    const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t, double, int64_t,
+    std::array<bool, 2>);
+using BackwardSig = std::tuple<Tensor, Tensor>(const std::optional<Tensor>&, const std::optional<Tensor>&,
+                                               const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                               const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t,
+                                               double, int64_t, std::array<bool, 2>);
+
+class AlphaWeightedCrossEntropy : public torch::autograd::Function<AlphaWeightedCrossEntropy> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Tensor& sl, const Tensor& sy, const Tensor& tl,
+                               const Tensor& ty, const Tensor& alpha, int64_t ignore, double eps, int64_t reduction) {
+    static auto op = op_handle<ForwardSig>("fastadapt::_alpha_weighted_cross_entropy_forward");
+    const bool write = sl.is_cpu() && reduction != kNone;
+    const std::array<bool, 2> wants = {write && sl.requires_grad(), write && tl.requires_grad()};
+    auto [o0, o1, lse_s, lse_t, counts, g_s, g_t] = op.call(sl, sy, tl, ty, alpha, ignore, eps, reduction, wants);
+    ctx->save_for_backward({sl, sy, tl, ty});
+    ctx->saved_data["alpha"] = alpha.detach().clone();  // a schedule may change alpha in place before backward
+    ctx->saved_data["lse_s"] = lse_s;
+    ctx->saved_data["lse_t"] = lse_t;
+    ctx->saved_data["counts"] = counts;
+    ctx->saved_data["ignore"] = ignore;
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["reduction"] = reduction;
+    if (write) {
+      ctx->saved_data["g_s"] = g_s;
+      ctx->saved_data["g_t"] = g_t;
+    }
+    if (reduction != kNone) ctx->mark_non_differentiable({o1});
+    return {o0, o1};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const bool need_s = ctx->needs_input_grad(0), need_t = ctx->needs_input_grad(2);
+    const int64_t reduction = ctx->saved_data["reduction"].toInt();
+    Tensor gs, gt;
+    auto& sd = ctx->saved_data;
+    // The gradient written by the forward is used once, then released so autograd can adopt it as
+    // .grad without a copy. A second backward (retain_graph=True) or a differentiable backward
+    // (create_graph=True, which then raises) recomputes through the backward op.
+    if (sd.count("g_s") && !at::GradMode::is_enabled() && grads[0].defined()) {
+      gs = need_s ? scale_owned_grad(sd["g_s"].toTensor(), grads[0]) : Tensor();
+      gt = need_t ? scale_owned_grad(sd["g_t"].toTensor(), grads[0]) : Tensor();
+      sd.erase("g_s");
+      sd.erase("g_t");
+    } else {
+      static auto op = op_handle<BackwardSig>("fastadapt::_alpha_weighted_cross_entropy_backward");
+      auto saved = ctx->get_saved_variables();
+      const std::array<bool, 2> mask = {need_s, need_t};
+      std::optional<Tensor> g0 = grads[0].defined() ? std::optional<Tensor>(grads[0]) : std::nullopt;
+      std::optional<Tensor> g1 = reduction == kNone && grads[1].defined() ? std::optional<Tensor>(grads[1])
+                                                                           : std::nullopt;
+      std::tie(gs, gt) = op.call(g0, g1, saved[0], saved[1], saved[2], saved[3], sd["alpha"].toTensor(),
+                                 sd["lse_s"].toTensor(), sd["lse_t"].toTensor(), sd["counts"].toTensor(),
+                                 sd["ignore"].toInt(), sd["eps"].toDouble(), reduction, mask);
+      if (!need_s) gs = Tensor();
+      if (!need_t) gt = Tensor();
+    }
+    return {gs, Tensor(), gt, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+std::tuple<Tensor, Tensor> autograd_forward(const Tensor& sl, const Tensor& sy, const Tensor& tl, const Tensor& ty,
+                                            const Tensor& alpha, int64_t ignore, double eps, int64_t reduction) {
+  auto out = AlphaWeightedCrossEntropy::apply(sl, sy, tl, ty, alpha, ignore, eps, reduction);
+  return {out[0], out[1]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastadapt, Autograd, m) {
+  m.impl("alpha_weighted_cross_entropy", &autograd_forward);
+  // Internal ops: callable, not differentiable (double backward is not supported).
+  m.impl("_alpha_weighted_cross_entropy_forward", torch::autograd::autogradNotImplementedFallback());
+  m.impl("_alpha_weighted_cross_entropy_backward", torch::autograd::autogradNotImplementedFallback());
+}
+
+}  // namespace fastadapt

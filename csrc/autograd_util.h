@@ -1,0 +1,33 @@
+// Helpers shared by the C++ autograd nodes.
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/DispatchKeySet.h>
+
+namespace fastadapt {
+
+// True while torch.compile / opcheck traces (fake or functional tensors): the node must then stay
+// functional and must not read tensor values.
+inline bool is_traced(const at::Tensor& t) {
+  return t.key_set().has_any(c10::DispatchKeySet(
+      {c10::DispatchKey::Python, c10::DispatchKey::Functionalize, c10::DispatchKey::PythonTLSSnapshot}));
+}
+
+// A typed handle to one of our own ops, looked up once.
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> op_handle(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+// Scales a gradient we own by grad_output. In eager mode on the CPU a unit grad_output (the usual
+// loss.backward()) costs nothing and any other value one in-place pass; traced, it stays functional.
+inline at::Tensor scale_owned_grad(at::Tensor grad, const at::Tensor& grad_output) {
+  if (grad.numel() == 0) return grad;
+  if (is_traced(grad) || is_traced(grad_output) || !grad_output.is_cpu() || !grad.is_cpu()) {
+    return grad.mul(grad_output);
+  }
+  if (grad_output.item<double>() != 1.0) grad.mul_(grad_output);
+  return grad;
+}
+
+}  // namespace fastadapt

@@ -1,0 +1,21 @@
+// Allocation of large CPU output buffers (loss gradients) without the page-fault bill.
+//
+// Measured on the 2-core dev machines: touching a freshly mmap'd 262 MB buffer costs ~60 ms of page
+// faults, five times what copying it costs, and glibc returns every block that large to the kernel
+// on free. So gradients of at least kMinBytes come from a small cache of 2 MB-aligned blocks advised
+// MADV_HUGEPAGE: the first touch faults once per 2 MB instead of once per 4 KB, and a block freed by
+// one training step is reused by the next without faulting at all. The cache holds at most
+// FASTADAPT_CPU_CACHE_MB (default 2048) of idle blocks; fastadapt.empty_cache() releases them.
+#pragma once
+#include <ATen/core/Tensor.h>
+
+namespace fastadapt::cpu {
+
+at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options);
+
+// Returns the number of bytes released.
+int64_t empty_cache();
+// (cached idle bytes, cached idle blocks)
+std::pair<int64_t, int64_t> cache_stats();
+
+}  // namespace fastadapt::cpu

@@ -1,0 +1,31 @@
+// Per-row inner loops of the loss kernels, compiled once per CPU capability (csrc/cpu/vec/) and picked
+// at run time like ATen's DispatchStub, so one wheel runs at AVX-512 speed where it can and anywhere else.
+// They work on contiguous float32/float64 rows; bf16 rows are widened into a float scratch row first.
+#pragma once
+#include <cstdint>
+
+namespace fastadapt::cpu {
+
+template <typename T>
+struct LossRowFns {
+  // Cross-entropy of one row with label y and label smoothing eps. Stores the row's log-sum-exp in
+  // *lse and returns lse - (1-eps)*x[y] - eps/C*sum(x). When grad is non-null it also writes
+  // scale*(softmax(x) - eps/C - (1-eps)*onehot(y)) in the same pass (x is read from DRAM once: the
+  // later passes over the row hit the cache). A row whose max is not finite gives NaN, as in ATen.
+  T (*ce_row)(const T* x, int64_t C, int64_t y, T eps, T* grad, T scale, T* lse);
+  // The same gradient from a saved log-sum-exp: one read of x, one write of grad.
+  void (*ce_grad_row)(const T* x, int64_t C, int64_t y, T eps, T lse, T scale, T* grad);
+  // Sum of (x-y)^2 over n elements, in double. Optionally writes grad = scale*(x-y) and
+  // elem = w*(x-y)^2 in the same pass.
+  double (*mse_chunk)(const T* x, const T* y, int64_t n, T* grad, T scale, T* elem, T w);
+};
+
+const LossRowFns<float>& row_fns_float();
+const LossRowFns<double>& row_fns_double();
+
+// Per-capability builders, defined in csrc/cpu/vec/loss_rows_<cap>.cpp.
+namespace DEFAULT { LossRowFns<float> fns_float(); LossRowFns<double> fns_double(); }
+namespace AVX2 { LossRowFns<float> fns_float(); LossRowFns<double> fns_double(); }
+namespace AVX512 { LossRowFns<float> fns_float(); LossRowFns<double> fns_double(); }
+
+}  // namespace fastadapt::cpu

@@ -1,0 +1,35 @@
+// AVX-512 build of the row kernels (see loss_rows_impl.h).
+#if defined(__x86_64__) || defined(_M_X64)
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt")
+// sleef.h declares its vector functions by the ISA macros, which the pragma alone does not set.
+#ifndef __AVX__
+#define __AVX__ 1
+#endif
+#ifndef __AVX2__
+#define __AVX2__ 1
+#endif
+#ifndef __FMA__
+#define __FMA__ 1
+#endif
+#ifndef __AVX512F__
+#define __AVX512F__ 1
+#endif
+#ifndef __AVX512DQ__
+#define __AVX512DQ__ 1
+#endif
+#ifndef __AVX512BW__
+#define __AVX512BW__ 1
+#endif
+#ifndef __AVX512VL__
+#define __AVX512VL__ 1
+#endif
+#define CPU_CAPABILITY AVX512
+#define CPU_CAPABILITY_AVX512
+#include "cpu/vec/loss_rows_impl.h"
+#else
+#include "cpu/loss_rows.h"
+namespace fastadapt::cpu::AVX512 {
+LossRowFns<float> fns_float() { return DEFAULT::fns_float(); }
+LossRowFns<double> fns_double() { return DEFAULT::fns_double(); }
+}  // namespace fastadapt::cpu::AVX512
+#endif

@@ -1,0 +1,15 @@
+"""fastadapt: fused C++/CUDA kernels and training loops for transfer and adaptive learning in PyTorch."""
+from fastadapt._extension import build_info, has_cuda_ops, has_ops
+from fastadapt import _fake  # noqa: F401  (fake kernels, so torch.compile traces the compiled ops)
+from fastadapt.losses import AlphaWeightedLoss, alpha_weighted_cross_entropy, alpha_weighted_mse
+from fastadapt.linear_relu import linear_relu
+
+__all__ = [
+    "AlphaWeightedLoss",
+    "alpha_weighted_cross_entropy",
+    "alpha_weighted_mse",
+    "build_info",
+    "has_cuda_ops",
+    "has_ops",
+    "linear_relu",
+]

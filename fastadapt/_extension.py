@@ -1,0 +1,81 @@
+"""Loading of the compiled extension, with a pure-PyTorch fallback when it is missing.
+
+Importing fastadapt never fails: if ``fastadapt._C`` is absent, fails to load (an ABI mismatch with
+the installed torch, say) or is disabled with ``FASTADAPT_DISABLE_EXTENSION=1``, every op runs its
+pure-PyTorch reference and one warning names the reason.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+_C = None
+_load_error: str | None = None
+_warned = False
+
+if os.environ.get("FASTADAPT_DISABLE_EXTENSION", "0") not in ("", "0"):
+    _load_error = "disabled by FASTADAPT_DISABLE_EXTENSION=1"
+else:
+    try:
+        from fastadapt import _C  # noqa: F811  (loading it registers the fastadapt:: ops)
+    except ImportError as exc:  # missing file, undefined symbol, ABI mismatch
+        _C = None
+        _load_error = f"{type(exc).__name__}: {exc}"
+    except OSError as exc:
+        _C = None
+        _load_error = f"{type(exc).__name__}: {exc}"
+
+
+def has_ops() -> bool:
+    """True when the compiled kernels are loaded (torchvision's ``_has_ops`` idiom)."""
+    return _C is not None
+
+
+def has_cuda_ops() -> bool:
+    return _C is not None and bool(_C.with_cuda)
+
+
+def use_compiled(*tensors: torch.Tensor) -> bool:
+    """Whether the compiled op can serve these tensors; warns once when it cannot because it is missing."""
+    global _warned
+    if _C is None:
+        if not _warned:
+            _warned = True
+            warnings.warn(
+                f"fastadapt: compiled kernels unavailable ({_load_error}); using the pure-PyTorch fallback",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return False
+    for t in tensors:
+        if t is not None and t.device.type == "cuda" and not _C.with_cuda:
+            return False
+    return True
+
+
+def build_info() -> dict:
+    """What was built and whether it loaded."""
+    info = {
+        "fastadapt_version": _version(),
+        "torch_runtime": torch.__version__,
+        "torch_built_against": getattr(_C, "torch_version", None),
+        "cpu_kernels": bool(_C is not None and _C.with_cpu),
+        "cuda_kernels": bool(_C is not None and _C.with_cuda),
+        "cuda_archs": (getattr(_C, "cuda_archs", "") or None) if _C is not None else None,
+        "extension_loaded": _C is not None,
+        "load_error": _load_error,
+        "cuda_available": torch.cuda.is_available(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    }
+    return info
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("fastadapt")
+    except Exception:  # running from a source tree that was never installed
+        return "unknown"

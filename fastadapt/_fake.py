@@ -1,0 +1,65 @@
+"""Fake (meta) kernels for every compiled op, so torch.compile and opcheck can trace them without
+running them. Shapes here must match the C++ kernels exactly."""
+from __future__ import annotations
+
+import torch
+
+from fastadapt._extension import has_ops
+
+
+def _acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _pair_outputs(reduction, s_shape, t_shape, like):
+    if reduction == 0:
+        return like.new_empty(s_shape), like.new_empty(t_shape)
+    return like.new_empty(()), like.new_empty((0,))
+
+
+def _grad_or_empty(flag, like):
+    return torch.empty(like.shape, dtype=like.dtype, device=like.device) if flag else like.new_empty((0,))
+
+
+if has_ops():
+    lib = "fastadapt::"
+
+    @torch.library.register_fake(lib + "alpha_weighted_cross_entropy")
+    def _(sl, sy, tl, ty, alpha, ignore_index, label_smoothing, reduction):
+        return _pair_outputs(reduction, sy.shape, ty.shape, sl)
+
+    @torch.library.register_fake(lib + "_alpha_weighted_cross_entropy_forward")
+    def _(sl, sy, tl, ty, alpha, ignore_index, label_smoothing, reduction, write_grad):
+        out0, out1 = _pair_outputs(reduction, sy.shape, ty.shape, sl)
+        acc = _acc_dtype(sl.dtype)
+        lse_s = sl.new_empty((sy.numel(),), dtype=acc)
+        lse_t = tl.new_empty((ty.numel(),), dtype=acc)
+        counts = sl.new_empty((2,), dtype=torch.int64)
+        return out0, out1, lse_s, lse_t, counts, _grad_or_empty(write_grad[0], sl), _grad_or_empty(write_grad[1], tl)
+
+    @torch.library.register_fake(lib + "_alpha_weighted_cross_entropy_backward")
+    def _(g0, g1, sl, sy, tl, ty, alpha, lse_s, lse_t, counts, ignore_index, label_smoothing, reduction, mask):
+        return _grad_or_empty(mask[0], sl), _grad_or_empty(mask[1], tl)
+
+    @torch.library.register_fake(lib + "alpha_weighted_mse")
+    def _(sp, st, tp, tt, alpha, reduction):
+        return _pair_outputs(reduction, sp.shape, tp.shape, sp)
+
+    @torch.library.register_fake(lib + "_alpha_weighted_mse_forward")
+    def _(sp, st, tp, tt, alpha, reduction, write_grad):
+        out0, out1 = _pair_outputs(reduction, sp.shape, tp.shape, sp)
+        return out0, out1, _grad_or_empty(write_grad[0], sp), _grad_or_empty(write_grad[1], tp)
+
+    @torch.library.register_fake(lib + "_alpha_weighted_mse_backward")
+    def _(g0, g1, sp, st, tp, tt, alpha, reduction, mask):
+        return _grad_or_empty(mask[0], sp), _grad_or_empty(mask[1], tp)
+
+    @torch.library.register_fake(lib + "linear_relu")
+    def _(x, weight, bias):
+        torch._check(x.shape[-1] == weight.shape[1])
+        return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+    @torch.library.register_fake(lib + "_linear_relu_backward")
+    def _(grad_output, x, weight, output, mask):
+        gb = weight.new_empty((weight.shape[0],)) if mask[2] else weight.new_empty((0,))
+        return _grad_or_empty(mask[0], x), _grad_or_empty(mask[1], weight), gb

@@ -1,0 +1,103 @@
+"""Build fastadapt._C: C++ kernels always, CUDA kernels when torch is a CUDA build and nvcc exists.
+
+Switches (environment):
+  FASTADAPT_BUILD_EXT=0   build no compiled code (the package runs on its pure-PyTorch fallback)
+  FASTADAPT_CUDA=0/1      force the CUDA kernels off / on (default: on when torch.version.cuda and nvcc exist)
+  TORCH_CUDA_ARCH_LIST    honoured; defaults to "8.0;9.0+PTX" when unset and no GPU is visible
+  MAX_JOBS                honoured by torch's ninja build
+"""
+import glob
+import os
+import shutil
+import sys
+import sysconfig
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_ARCHS = "8.0;9.0+PTX"
+
+
+def _flag(name):
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return None
+    if value not in ("0", "1"):
+        sys.exit(f"setup.py: {name} must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
+def _nvidia_include_dirs():
+    # ATen's CUDA headers include cusparse.h and cublas_v2.h; with a pip-installed CUDA torch these
+    # live in site-packages/nvidia/<pkg>/include, not in the toolkit's include directory.
+    dirs = []
+    for base in {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}:
+        dirs += glob.glob(os.path.join(base, "nvidia", "cu*", "include"))
+        dirs += glob.glob(os.path.join(base, "nvidia", "*", "include"))
+    return sorted({d for d in dirs if os.path.isdir(d)})
+
+
+def _extensions():
+    if _flag("FASTADAPT_BUILD_EXT") is False:
+        print("fastadapt: FASTADAPT_BUILD_EXT=0, building no compiled code")
+        return [], {}
+    if not os.environ.get("CUDA_HOME") and shutil.which("nvcc"):
+        # torch guesses CUDA_HOME from nvcc's location; a /usr/local/bin/nvcc symlink would make that
+        # /usr/local, whose include/ has no CUDA headers. Follow the link to the real toolkit.
+        os.environ["CUDA_HOME"] = os.path.dirname(os.path.dirname(os.path.realpath(shutil.which("nvcc"))))
+    import torch
+    from torch.utils import cpp_extension
+
+    want_cuda = _flag("FASTADAPT_CUDA")
+    have_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    use_cuda = have_cuda if want_cuda is None else want_cuda
+    if use_cuda and not have_cuda:
+        sys.exit("setup.py: FASTADAPT_CUDA=1 but torch is not a CUDA build or nvcc was not found")
+    if use_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        # torch's own arch detection queries a GPU and fails without one
+        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCHS
+
+    # The per-capability vector kernels go last: the linker keeps the first copy of an inline function
+    # it meets, which must be the portable one (ATen's CPU_CAPABILITY scheme relies on the same rule).
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp") + glob.glob("csrc/autograd/*.cpp"))
+    sources += sorted(glob.glob("csrc/cpu/vec/*.cpp"))
+    cxx = ["-O3"]  # torch's cpp_extension adds the C++ standard its headers need
+    define_macros = []
+    if os.environ.get("FASTADAPT_SANITIZE"):
+        cxx += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-O1", "-g"]
+    cuda_archs = ""
+    if use_cuda:
+        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        cuda_archs = os.environ["TORCH_CUDA_ARCH_LIST"] if os.environ.get("TORCH_CUDA_ARCH_LIST") else "auto"
+        define_macros.append(("FASTADAPT_WITH_CUDA", None))
+        ext_cls = cpp_extension.CUDAExtension
+        extra = {"cxx": cxx, "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]}
+        include_dirs = [os.path.join(ROOT, "csrc")] + _nvidia_include_dirs()
+    else:
+        ext_cls = cpp_extension.CppExtension
+        extra = {"cxx": cxx}
+        include_dirs = [os.path.join(ROOT, "csrc")]
+    define_macros += [
+        ("FASTADAPT_TORCH_VERSION", f'"{torch.__version__}"'),
+        ("FASTADAPT_CUDA_ARCHS", f'"{cuda_archs}"'),
+    ]
+    link_args = ["-fsanitize=address,undefined"] if os.environ.get("FASTADAPT_SANITIZE") else []
+    ext = ext_cls(
+        "fastadapt._C",
+        sources,
+        include_dirs=include_dirs,
+        define_macros=define_macros,
+        extra_compile_args=extra,
+        extra_link_args=link_args,
+        py_limited_api=False,
+    )
+    build_ext = cpp_extension.BuildExtension.with_options(use_ninja=True)
+    return [ext], {"build_ext": build_ext}
+
+
+ext_modules, cmdclass = _extensions()
+setup(
+    packages=find_packages(include=["fastadapt", "fastadapt.*"]),
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
