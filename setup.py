@@ -41,10 +41,13 @@ def _extensions():
     if _flag("FASTADAPT_BUILD_EXT") is False:
         print("fastadapt: FASTADAPT_BUILD_EXT=0, building no compiled code")
         return [], {}
-    if not os.environ.get("CUDA_HOME") and shutil.which("nvcc"):
-        # torch guesses CUDA_HOME from nvcc's location; a /usr/local/bin/nvcc symlink would make that
-        # /usr/local, whose include/ has no CUDA headers. Follow the link to the real toolkit.
-        os.environ["CUDA_HOME"] = os.path.dirname(os.path.dirname(os.path.realpath(shutil.which("nvcc"))))
+    if not os.environ.get("CUDA_HOME"):
+        # torch guesses CUDA_HOME from the nvcc on PATH; a /usr/local/bin/nvcc wrapper script would make
+        # that /usr/local, whose include/ and lib64/ hold no toolkit. Prefer the conventional location.
+        for home in ("/usr/local/cuda", os.path.dirname(os.path.dirname(shutil.which("nvcc") or "/none/bin/nvcc"))):
+            if os.path.exists(os.path.join(home, "bin", "nvcc")) and os.path.isdir(os.path.join(home, "include")):
+                os.environ["CUDA_HOME"] = home
+                break
     import torch
     from torch.utils import cpp_extension
 
