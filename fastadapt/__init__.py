@@ -2,7 +2,7 @@
 from fastadapt._extension import build_info, has_cuda_ops, has_ops
 from fastadapt import _fake  # noqa: F401  (fake kernels, so torch.compile traces the compiled ops)
 from fastadapt.losses import AlphaWeightedLoss, alpha_weighted_cross_entropy, alpha_weighted_mse
-from fastadapt.linear_relu import linear_relu
+from fastadapt.linear_relu import FusedLinearReLU, linear_relu
 
 __all__ = [
     "AlphaWeightedLoss",
@@ -11,5 +11,6 @@ __all__ = [
     "build_info",
     "has_cuda_ops",
     "has_ops",
+    "FusedLinearReLU",
     "linear_relu",
 ]
