@@ -19,15 +19,14 @@ c10::TypedOperatorHandle<Sig> op_handle(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
 }
 
-// Scales a gradient we own by grad_output. In eager mode on the CPU a unit grad_output (the usual
-// loss.backward()) costs nothing and any other value one in-place pass; traced, it stays functional.
-inline at::Tensor scale_owned_grad(at::Tensor grad, const at::Tensor& grad_output) {
-  if (grad.numel() == 0) return grad;
-  if (is_traced(grad) || is_traced(grad_output) || !grad_output.is_cpu() || !grad.is_cpu()) {
-    return grad.mul(grad_output);
-  }
-  if (grad_output.item<double>() != 1.0) grad.mul_(grad_output);
-  return grad;
+// grad * grad_output for a gradient the forward already wrote for a unit grad_output. A unit
+// grad_output (the usual loss.backward()) is free in eager mode on the CPU; anything else is out of
+// place, because with retain_graph=True the saved gradient is handed out again. Traced, it stays
+// functional and reads no values.
+inline at::Tensor scale_saved_grad(const at::Tensor& grad, const at::Tensor& grad_output) {
+  if (is_traced(grad) || is_traced(grad_output) || !grad_output.is_cpu()) return grad.mul(grad_output);
+  if (grad.numel() == 0 || grad_output.item<double>() == 1.0) return grad;
+  return grad.mul(grad_output);
 }
 
 }  // namespace fastadapt

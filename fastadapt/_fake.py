@@ -7,10 +7,6 @@ import torch
 from fastadapt._extension import has_ops
 
 
-def _acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _pair_outputs(reduction, s_shape, t_shape, like):
     if reduction == 0:
         return like.new_empty(s_shape), like.new_empty(t_shape)
@@ -31,9 +27,9 @@ if has_ops():
     @torch.library.register_fake(lib + "_alpha_weighted_cross_entropy_forward")
     def _(sl, sy, tl, ty, alpha, ignore_index, label_smoothing, reduction, write_grad):
         out0, out1 = _pair_outputs(reduction, sy.shape, ty.shape, sl)
-        acc = _acc_dtype(sl.dtype)
-        lse_s = sl.new_empty((sy.numel(),), dtype=acc)
-        lse_t = tl.new_empty((ty.numel(),), dtype=acc)
+        # log-sum-exp per row, float64 whatever the logits (see csrc/cpu/loss_rows.h)
+        lse_s = sl.new_empty((sy.numel(),), dtype=torch.float64)
+        lse_t = tl.new_empty((ty.numel(),), dtype=torch.float64)
         counts = sl.new_empty((2,), dtype=torch.int64)
         return out0, out1, lse_s, lse_t, counts, _grad_or_empty(write_grad[0], sl), _grad_or_empty(write_grad[1], tl)
 

@@ -32,7 +32,10 @@ class AlphaWeightedCrossEntropy : public torch::autograd::Function<AlphaWeighted
     const bool write = sl.is_cpu() && reduction != kNone;
     const std::array<bool, 2> wants = {write && sl.requires_grad(), write && tl.requires_grad()};
     auto [o0, o1, lse_s, lse_t, counts, g_s, g_t] = op.call(sl, sy, tl, ty, alpha, ignore, eps, reduction, wants);
-    ctx->save_for_backward({sl, sy, tl, ty});
+    // The written gradients are saved as SavedVariables, not in saved_data: autograd releases those
+    // before the next node runs (unless retain_graph), so AccumulateGrad adopts them without a copy.
+    ctx->save_for_backward({sl, sy, tl, ty, g_s, g_t});
+    ctx->saved_data["written"] = write;
     ctx->saved_data["alpha"] = alpha.detach().clone();  // a schedule may change alpha in place before backward
     ctx->saved_data["lse_s"] = lse_s;
     ctx->saved_data["lse_t"] = lse_t;
@@ -40,10 +43,6 @@ class AlphaWeightedCrossEntropy : public torch::autograd::Function<AlphaWeighted
     ctx->saved_data["ignore"] = ignore;
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["reduction"] = reduction;
-    if (write) {
-      ctx->saved_data["g_s"] = g_s;
-      ctx->saved_data["g_t"] = g_t;
-    }
     if (reduction != kNone) ctx->mark_non_differentiable({o1});
     return {o0, o1};
   }
@@ -53,17 +52,13 @@ class AlphaWeightedCrossEntropy : public torch::autograd::Function<AlphaWeighted
     const int64_t reduction = ctx->saved_data["reduction"].toInt();
     Tensor gs, gt;
     auto& sd = ctx->saved_data;
-    // The gradient written by the forward is used once, then released so autograd can adopt it as
-    // .grad without a copy. A second backward (retain_graph=True) or a differentiable backward
-    // (create_graph=True, which then raises) recomputes through the backward op.
-    if (sd.count("g_s") && !at::GradMode::is_enabled() && grads[0].defined()) {
-      gs = need_s ? scale_owned_grad(sd["g_s"].toTensor(), grads[0]) : Tensor();
-      gt = need_t ? scale_owned_grad(sd["g_t"].toTensor(), grads[0]) : Tensor();
-      sd.erase("g_s");
-      sd.erase("g_t");
+    auto saved = ctx->get_saved_variables();
+    // create_graph=True needs a differentiable backward: the op path raises a clear error there.
+    if (sd["written"].toBool() && !at::GradMode::is_enabled() && grads[0].defined()) {
+      if (need_s) gs = scale_saved_grad(saved[4], grads[0]);
+      if (need_t) gt = scale_saved_grad(saved[5], grads[0]);
     } else {
       static auto op = op_handle<BackwardSig>("fastadapt::_alpha_weighted_cross_entropy_backward");
-      auto saved = ctx->get_saved_variables();
       const std::array<bool, 2> mask = {need_s, need_t};
       std::optional<Tensor> g0 = grads[0].defined() ? std::optional<Tensor>(grads[0]) : std::nullopt;
       std::optional<Tensor> g1 = reduction == kNone && grads[1].defined() ? std::optional<Tensor>(grads[1])

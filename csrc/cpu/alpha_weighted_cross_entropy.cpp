@@ -55,13 +55,13 @@ void forward_rows(const CeSide& s, const CeSide& t, int64_t ignore, double eps, 
       const int side = r < s.rows ? 0 : 1;
       const CeSide& d = side == 0 ? s : t;
       const int64_t i = side == 0 ? r : r - s.rows;
-      acc_t* lse_row = lse[side].data_ptr<acc_t>() + i;
+      double* lse_row = lse[side].data_ptr<double>() + i;
       const Tensor& g = grads[side];
       scalar_t* grow = g.numel() > 0 ? g.data_ptr<scalar_t>() + i * d.classes : nullptr;
       const int64_t y = d.label(i);
       if (!d.evaluated || y == ignore) {
         row_loss[r] = 0.0;
-        *lse_row = acc_t(0);
+        *lse_row = 0.0;
         if (grow) std::memset(grow, 0, sizeof(scalar_t) * d.classes);
         continue;
       }
@@ -97,8 +97,7 @@ ForwardOut forward(const Tensor& sl, const Tensor& sy, const Tensor& tl, const T
   const std::array<int64_t, 2> counts = {s.count_valid(ignore, "source_labels"), t.count_valid(ignore, "target_labels")};
 
   const auto opts = sl.options();
-  const auto acc = acc_type_for(sl.scalar_type());
-  std::array<Tensor, 2> lse = {at::empty({s.rows}, opts.dtype(acc)), at::empty({t.rows}, opts.dtype(acc))};
+  std::array<Tensor, 2> lse = {at::empty({s.rows}, opts.dtype(at::kDouble)), at::empty({t.rows}, opts.dtype(at::kDouble))};
   std::array<Tensor, 2> grads;
   std::array<double, 2> grad_scale{};
   const std::array<const CeSide*, 2> sides = {&s, &t};
@@ -180,7 +179,7 @@ void backward_rows(const CeSide& s, const CeSide& t, int64_t ignore, double eps,
         continue;
       }
       const acc_t k = acc_t(row_scale[side] ? row_scale[side][i] * scale[side] : scale[side]);
-      const acc_t l = lse[side].data_ptr<acc_t>()[i];
+      const double l = lse[side].data_ptr<double>()[i];
       const scalar_t* x = d.row<scalar_t>(i);
       if constexpr (kWiden) {
         at::vec::convert(x, xs.data(), d.classes);
@@ -202,7 +201,6 @@ std::tuple<Tensor, Tensor> backward(const std::optional<Tensor>& g0, const std::
   CeSide s = make_ce_side(sl, sy, 1.0 - a);
   CeSide t = make_ce_side(tl, ty, a);
   const auto opts = sl.options();
-  const auto acc = acc_type_for(sl.scalar_type());
   // Labels may have been changed in place since the forward: re-check before they index anything.
   s.count_valid(ignore, "source_labels");
   t.count_valid(ignore, "target_labels");
@@ -237,7 +235,7 @@ std::tuple<Tensor, Tensor> backward(const std::optional<Tensor>& g0, const std::
       scale[k] = gv * (reduction == kMean ? d.weight / double(cnt[k]) : d.weight);
     }
   }
-  TORCH_CHECK(lse_s.scalar_type() == acc && lse_t.scalar_type() == acc && lse_s.numel() == s.rows &&
+  TORCH_CHECK(lse_s.scalar_type() == at::kDouble && lse_t.scalar_type() == at::kDouble && lse_s.numel() == s.rows &&
                   lse_t.numel() == t.rows,
               "_alpha_weighted_cross_entropy_backward: lse tensors do not match the logits");
   const std::array<Tensor, 2> lse = {lse_s.contiguous(), lse_t.contiguous()};

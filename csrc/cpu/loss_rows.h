@@ -12,9 +12,11 @@ struct LossRowFns {
   // *lse and returns lse - (1-eps)*x[y] - eps/C*sum(x). When grad is non-null it also writes
   // scale*(softmax(x) - eps/C - (1-eps)*onehot(y)) in the same pass (x is read from DRAM once: the
   // later passes over the row hit the cache). A row whose max is not finite gives NaN, as in ATen.
-  T (*ce_row)(const T* x, int64_t C, int64_t y, T eps, T* grad, T scale, T* lse);
+  // lse is kept in double: with logits near 1e4 a float lse is off by half an ulp of 1e4 (5e-4),
+  // which would show up as a 5e-4 relative error in the recomputed softmax.
+  T (*ce_row)(const T* x, int64_t C, int64_t y, T eps, T* grad, T scale, double* lse);
   // The same gradient from a saved log-sum-exp: one read of x, one write of grad.
-  void (*ce_grad_row)(const T* x, int64_t C, int64_t y, T eps, T lse, T scale, T* grad);
+  void (*ce_grad_row)(const T* x, int64_t C, int64_t y, T eps, double lse, T scale, T* grad);
   // Sum of (x-y)^2 over n elements, in double. Optionally writes grad = scale*(x-y) and
   // elem = w*(x-y)^2 in the same pass.
   double (*mse_chunk)(const T* x, const T* y, int64_t n, T* grad, T scale, T* elem, T w);

@@ -46,7 +46,7 @@ inline void fill(T* p, int64_t n, T v) {
 }
 
 template <typename T, bool kGrad, bool kSmooth>
-T ce_row_t(const T* x, int64_t C, int64_t y, T eps, T* grad, T scale, T* lse_out) {
+T ce_row_t(const T* x, int64_t C, int64_t y, T eps, T* grad, T scale, double* lse_out) {
   using V = Vectorized<T>;
   constexpr int64_t W = V::size();
   const T nan = std::numeric_limits<T>::quiet_NaN();
@@ -75,8 +75,7 @@ T ce_row_t(const T* x, int64_t C, int64_t y, T eps, T* grad, T scale, T* lse_out
     s += e;
     if (kSmooth) sx += x[i];
   }
-  const T lse = m + std::log(s);
-  *lse_out = lse;
+  *lse_out = double(m) + double(std::log(s));
   const T off = kSmooth ? eps / T(C) : T(0);
   if (kGrad) {
     const V vk(scale / s), vo(scale * off);
@@ -85,13 +84,14 @@ T ce_row_t(const T* x, int64_t C, int64_t y, T eps, T* grad, T scale, T* lse_out
     for (; i < C; ++i) grad[i] = grad[i] * k - o;
     grad[y] -= scale * (T(1) - eps);
   }
-  T loss = lse - (kSmooth ? (T(1) - eps) : T(1)) * x[y];
-  if (kSmooth) loss -= off * sx;
+  // (m - x[y]) first: with logits near 1e4, lse - x[y] would lose the answer to rounding.
+  T loss = (m - x[y]) + std::log(s);
+  if (kSmooth) loss += eps * (x[y] - sx / T(C));
   return loss;
 }
 
 template <typename T>
-T ce_row(const T* x, int64_t C, int64_t y, T eps, T* grad, T scale, T* lse) {
+T ce_row(const T* x, int64_t C, int64_t y, T eps, T* grad, T scale, double* lse) {
   const bool smooth = eps != T(0);
   if (grad != nullptr) {
     return smooth ? ce_row_t<T, true, true>(x, C, y, eps, grad, scale, lse)
@@ -102,18 +102,20 @@ T ce_row(const T* x, int64_t C, int64_t y, T eps, T* grad, T scale, T* lse) {
 }
 
 template <typename T>
-void ce_grad_row(const T* x, int64_t C, int64_t y, T eps, T lse, T scale, T* grad) {
+void ce_grad_row(const T* x, int64_t C, int64_t y, T eps, double lse, T scale, T* grad) {
   using V = Vectorized<T>;
   constexpr int64_t W = V::size();
   if (!std::isfinite(lse)) {
     fill(grad, C, std::numeric_limits<T>::quiet_NaN());
     return;
   }
+  // x - lse as (x - hi) - lo: x - hi is exact when x is near lse, so a float row keeps float accuracy.
+  const T hi = T(lse), lo = T(lse - double(hi));
   const T o = scale * eps / T(C);
-  const V vl(lse), vk(scale), vo(o);
+  const V vh(hi), vlo(lo), vk(scale), vo(o);
   int64_t i = 0;
-  for (; i + W <= C; i += W) (vexp(V::loadu(x + i) - vl) * vk - vo).store(grad + i);
-  for (; i < C; ++i) grad[i] = std::exp(x[i] - lse) * scale - o;
+  for (; i + W <= C; i += W) (vexp((V::loadu(x + i) - vh) - vlo) * vk - vo).store(grad + i);
+  for (; i < C; ++i) grad[i] = std::exp((x[i] - hi) - lo) * scale - o;
   grad[y] -= scale * (T(1) - eps);
 }
 

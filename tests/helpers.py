@@ -1,0 +1,21 @@
+"""Comparison helpers shared by the op tests."""
+import torch
+
+# (rtol, atol) against a float64 reference computed from the same (rounded) inputs.
+TOLERANCES = {
+    torch.float64: (1e-9, 1e-11),
+    torch.float32: (2e-5, 2e-6),
+    torch.bfloat16: (2e-2, 2e-2),
+    torch.float16: (5e-3, 5e-3),
+}
+
+
+def assert_close(actual, expected, dtype, what, scale=1.0):
+    """Values equal to within dtype tolerance; NaN where the reference has NaN, and nowhere else."""
+    rtol, atol = TOLERANCES[dtype]
+    torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(), rtol=rtol, atol=atol * scale,
+                               equal_nan=True, msg=lambda m: f"{what}: {m}")
+
+
+def grad_or_zeros(t):
+    return t.grad if t.grad is not None else torch.zeros_like(t)

@@ -1,0 +1,389 @@
+"""fastadapt.alpha_weighted_cross_entropy against a float64 reference built from F.cross_entropy."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastadapt
+from conftest import DEVICES
+from fastadapt import reference
+from helpers import assert_close, grad_or_zeros
+
+REDUCTIONS = ["mean", "sum", "none"]
+
+
+def make_side(n, c, device, dtype, ignore_frac=0.0, label_dtype=torch.int64, layout="contiguous"):
+    if layout == "row_stride":  # rows padded: a view with row stride > C
+        logits = (torch.randn(n, c + 5, device=device) * 3).to(dtype)[:, :c]
+    elif layout == "class_stride":  # class dimension strided: must be copied
+        logits = (torch.randn(n, 2 * c, device=device) * 3).to(dtype)[:, ::2]
+    else:
+        logits = (torch.randn(n, c, device=device) * 3).to(dtype)
+    labels = torch.randint(0, max(c, 1), (n,), device=device)
+    if ignore_frac and n:
+        labels[torch.rand(n, device=device) < ignore_frac] = -100
+        labels[0] = -100
+    if layout == "class_stride":
+        labels = torch.stack([labels, labels], 1).reshape(-1)[::2]  # non-contiguous labels too
+    return logits.requires_grad_(), labels.to(label_dtype)
+
+
+def run_both(sl, sy, tl, ty, alpha, reduction, label_smoothing=0.0, ignore_index=-100, grad_scale=1.7):
+    """Loss and gradients from fastadapt and from the float64 reference."""
+    kw = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, reduction=reduction)
+    out = fastadapt.alpha_weighted_cross_entropy(sl, sy, tl, ty, alpha, **kw)
+    sl64 = sl.detach().double().requires_grad_()
+    tl64 = tl.detach().double().requires_grad_()
+    ref = reference.alpha_weighted_cross_entropy(sl64, sy, tl64, ty, alpha, **kw)
+    if reduction == "none":
+        ws = torch.randn(sy.shape, dtype=torch.float64, device=sy.device)
+        wt = torch.randn(ty.shape, dtype=torch.float64, device=ty.device)
+        ((out[0].double() * ws).sum() + (out[1].double() * wt).sum()).backward()
+        ((ref[0] * ws).sum() + (ref[1] * wt).sum()).backward()
+    else:
+        (out * grad_scale).backward()
+        (ref * grad_scale).backward()
+    return out, ref, (grad_or_zeros(sl), grad_or_zeros(tl)), (grad_or_zeros(sl64), grad_or_zeros(tl64))
+
+
+def check(out, ref, grads, ref_grads, dtype, reduction):
+    if reduction == "none":
+        assert out[0].dtype == dtype and out[1].dtype == dtype
+        assert out[0].shape == ref[0].shape and out[1].shape == ref[1].shape
+        assert_close(out[0], ref[0], dtype, "source losses")
+        assert_close(out[1], ref[1], dtype, "target losses")
+    else:
+        assert out.dtype == dtype and out.shape == ()
+        r = float(ref.detach())
+        assert_close(out, ref, dtype, "loss", scale=max(1.0, abs(r)) if math.isfinite(r) else 1.0)
+    assert_close(grads[0], ref_grads[0], dtype, "source grad")
+    assert_close(grads[1], ref_grads[1], dtype, "target grad")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n", [0, 1, 3, 17, 423])
+@pytest.mark.parametrize("c", [1, 2, 31, 32, 33, 1000, 32001])
+def test_parity_shapes(backend, device, n, c):
+    if n * c > 10**6 and backend == "fallback":
+        pytest.skip("the fallback is F.cross_entropy itself; the large shapes only exercise the kernels")
+    sl, sy = make_side(n, c, device, torch.float32, ignore_frac=0.2)
+    tl, ty = make_side(n + 2, c + 1, device, torch.float32, ignore_frac=0.2)
+    for reduction in REDUCTIONS:
+        sl.grad = tl.grad = None
+        check(*run_both(sl, sy, tl, ty, 0.37, reduction, label_smoothing=0.1), torch.float32, reduction)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("ignore", [False, True])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.25])
+@pytest.mark.parametrize("alpha", [0.0, 0.37, 1.0])
+def test_parity_options(backend, device, reduction, ignore, label_smoothing, alpha):
+    sl, sy = make_side(40, 33, device, torch.float32, ignore_frac=0.3 if ignore else 0.0)
+    tl, ty = make_side(29, 10, device, torch.float32, ignore_frac=0.3 if ignore else 0.0)
+    check(*run_both(sl, sy, tl, ty, alpha, reduction, label_smoothing), torch.float32, reduction)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, pytest.param(torch.float16, marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_parity_dtypes(backend, device, dtype, reduction):
+    if dtype == torch.float16 and device == "cpu":
+        pytest.skip("float16 is a CUDA dtype")
+    sl, sy = make_side(50, 130, device, dtype, ignore_frac=0.2)
+    tl, ty = make_side(31, 70, device, dtype, ignore_frac=0.2)
+    check(*run_both(sl, sy, tl, ty, 0.37, reduction, 0.1), dtype, reduction)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["row_stride", "class_stride"])
+def test_non_contiguous_inputs(backend, device, layout):
+    sl, sy = make_side(37, 50, device, torch.float32, 0.2, layout=layout)
+    tl, ty = make_side(21, 64, device, torch.float32, 0.2, layout=layout)
+    assert not sl.is_contiguous()
+    for reduction in REDUCTIONS:
+        sl.grad = tl.grad = None
+        check(*run_both(sl, sy, tl, ty, 0.6, reduction, 0.1), torch.float32, reduction)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("label_dtype", [torch.int64, torch.int32, torch.int16, torch.uint8])
+def test_label_dtypes_and_3d_logits(backend, device, label_dtype):
+    sl = torch.randn(4, 9, 17, device=device, requires_grad=True)
+    sy = torch.randint(0, 17, (4, 9), device=device).to(label_dtype)
+    tl = torch.randn(2, 5, 3, 11, device=device, requires_grad=True)
+    ty = torch.randint(0, 11, (2, 5, 3), device=device).to(label_dtype)
+    for reduction in REDUCTIONS:
+        sl.grad = tl.grad = None
+        out, ref, g, rg = run_both(sl, sy, tl, ty, 0.25, reduction)
+        check(out, ref, g, rg, torch.float32, reduction)
+        if reduction == "none":
+            assert out[0].shape == (4, 9) and out[1].shape == (2, 5, 3)
+
+
+def test_none_totals_equal_sum(backend):
+    sl, sy = make_side(30, 20, "cpu", torch.float32, 0.3)
+    tl, ty = make_side(25, 20, "cpu", torch.float32, 0.3)
+    s, t = fastadapt.alpha_weighted_cross_entropy(sl, sy, tl, ty, 0.3, reduction="none")
+    total = fastadapt.alpha_weighted_cross_entropy(sl, sy, tl, ty, 0.3, reduction="sum")
+    torch.testing.assert_close(s.sum() + t.sum(), total, rtol=1e-5, atol=1e-5)
+    assert (s[sy == -100] == 0).all() and (t[ty == -100] == 0).all()
+
+
+def test_alpha_tensor_equals_float_and_module(backend):
+    sl, sy = make_side(30, 20, "cpu", torch.float32)
+    tl, ty = make_side(25, 12, "cpu", torch.float32)
+    a = fastadapt.alpha_weighted_cross_entropy(sl, sy, tl, ty, torch.tensor(0.8))
+    b = fastadapt.alpha_weighted_cross_entropy(sl, sy, tl, ty, 0.8)
+    mod = fastadapt.AlphaWeightedLoss(alpha=0.1, kind="cross_entropy", label_smoothing=0.0)
+    mod.alpha = 0.8  # reassigned between steps
+    c = mod(sl, sy, tl, ty)
+    assert torch.equal(a, b) and torch.equal(b, c)
+    expected = 0.8 * F.cross_entropy(tl, ty) + 0.2 * F.cross_entropy(sl, sy)
+    torch.testing.assert_close(a, expected, rtol=1e-5, atol=1e-6)
+    assert "cross_entropy" in repr(mod) and "0.8" in repr(mod)
+
+
+# ---- edge cases -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_all_rows_ignored_is_nan_like_the_formula(backend, device):
+    sl, sy = make_side(5, 7, device, torch.float32)
+    tl, ty = make_side(6, 7, device, torch.float32)
+    ty[:] = -100
+    out = fastadapt.alpha_weighted_cross_entropy(sl, sy, tl, ty, 0.5)
+    assert torch.isnan(out)
+    out.backward()
+    assert torch.isfinite(sl.grad).all() or True  # NaN loss: the gradient follows the formula below
+    _, _, g, rg = run_both(sl, sy, tl, ty, 0.5, "mean")
+    assert_close(g[1], rg[1], torch.float32, "target grad (all ignored)")
+    s = fastadapt.alpha_weighted_cross_entropy(sl, sy, tl, ty, 0.5, reduction="sum")
+    torch.testing.assert_close(s, 0.5 * F.cross_entropy(sl, sy, reduction="sum"))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_zero_weight_term_is_not_evaluated(backend, device):
+    tl, ty = make_side(6, 7, device, torch.float32)
+    empty_l = torch.randn(0, 7, device=device, requires_grad=True)
+    empty_y = torch.zeros(0, dtype=torch.long, device=device)
+    out = fastadapt.alpha_weighted_cross_entropy(empty_l, empty_y, tl, ty, 1.0)
+    torch.testing.assert_close(out, F.cross_entropy(tl, ty))
+    nan_l = torch.full((3, 7), float("nan"), device=device, requires_grad=True)
+    out = fastadapt.alpha_weighted_cross_entropy(nan_l, torch.zeros(3, dtype=torch.long, device=device), tl, ty, 1.0)
+    torch.testing.assert_close(out, F.cross_entropy(tl, ty))
+    out.backward()
+    assert nan_l.grad is None or (nan_l.grad == 0).all()
+    # both sides empty with weight: a mean over zero rows is NaN, as F.cross_entropy gives
+    out = fastadapt.alpha_weighted_cross_entropy(empty_l, empty_y, empty_l, empty_y, 0.5)
+    assert torch.isnan(out)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_extreme_logits(backend, device):
+    sl = (torch.randn(20, 50, device=device).sign() * 1e4).requires_grad_()
+    sy = torch.randint(0, 50, (20,), device=device)
+    tl = torch.randn(9, 5, device=device)
+    ty = torch.randint(0, 5, (9,), device=device)
+    tl[0, ty[0]] = float("-inf")  # the target class has zero probability: loss +inf, gradient finite
+    tl.requires_grad_()
+    for reduction in REDUCTIONS:
+        sl.grad = tl.grad = None
+        out, ref, g, rg = run_both(sl, sy, tl, ty, 0.5, reduction)
+        check(out, ref, g, rg, torch.float32, reduction)
+    assert torch.isinf(fastadapt.alpha_weighted_cross_entropy(sl, sy, tl, ty, 0.5))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_nan_row_only_poisons_that_row(backend, device):
+    sl, sy = make_side(8, 13, device, torch.float32)
+    tl, ty = make_side(7, 13, device, torch.float32)
+    with torch.no_grad():
+        tl[3, 5] = float("nan")
+    s, t = fastadapt.alpha_weighted_cross_entropy(sl, sy, tl, ty, 0.5, reduction="none")
+    assert torch.isnan(t[3]) and torch.isfinite(t[torch.arange(7, device=device) != 3]).all()
+    assert torch.isfinite(s).all()
+    (s.sum() + t.sum()).backward()
+    assert torch.isnan(tl.grad[3]).all()
+    rows = torch.arange(7, device=device) != 3
+    assert torch.isfinite(tl.grad[rows]).all() and torch.isfinite(sl.grad).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_inputs_unchanged(backend, device):
+    sl, sy = make_side(16, 40, device, torch.float32, 0.2)
+    tl, ty = make_side(16, 40, device, torch.float32, 0.2)
+    before = [t.detach().clone() for t in (sl, sy, tl, ty)]
+    for reduction in REDUCTIONS:
+        out = fastadapt.alpha_weighted_cross_entropy(sl, sy, tl, ty, 0.5, reduction=reduction)
+        (out[0].sum() + out[1].sum() if reduction == "none" else out).backward()
+    for b, t in zip(before, (sl, sy, tl, ty)):
+        assert torch.equal(b, t.detach())
+
+
+def test_deterministic_repeats(backend):
+    sl, sy = make_side(300, 999, "cpu", torch.float32, 0.1)
+    tl, ty = make_side(200, 999, "cpu", torch.float32, 0.1)
+    runs = []
+    for _ in range(10):
+        sl.grad = tl.grad = None
+        out = fastadapt.alpha_weighted_cross_entropy(sl, sy, tl, ty, 0.4, label_smoothing=0.1)
+        out.backward()
+        runs.append((out.detach().clone(), sl.grad.clone(), tl.grad.clone()))
+    for r in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], r))
+
+
+def test_retain_graph_second_backward_matches(backend):
+    sl, sy = make_side(12, 9, "cpu", torch.float32)
+    tl, ty = make_side(10, 9, "cpu", torch.float32)
+    out = fastadapt.alpha_weighted_cross_entropy(sl, sy, tl, ty, 0.3)
+    out.backward(retain_graph=True)
+    first = (sl.grad.clone(), tl.grad.clone())
+    out.backward()
+    torch.testing.assert_close(sl.grad, 2 * first[0])
+    torch.testing.assert_close(tl.grad, 2 * first[1])
+
+
+def test_grad_only_for_one_side(backend):
+    sl, sy = make_side(12, 9, "cpu", torch.float32)
+    tl, ty = make_side(10, 9, "cpu", torch.float32)
+    src = sl.detach()
+    out = fastadapt.alpha_weighted_cross_entropy(src, sy, tl, ty, 0.3)
+    out.backward()
+    ref_t = tl.detach().double().requires_grad_()
+    reference.alpha_weighted_cross_entropy(src.double(), sy, ref_t, ty, 0.3).backward()
+    assert_close(tl.grad, ref_t.grad, torch.float32, "target grad")
+
+
+# ---- autograd / registration ----------------------------------------------------------------
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
+def test_gradcheck(backend, reduction, label_smoothing):
+    sl, sy = make_side(5, 7, "cpu", torch.float64, 0.3)
+    tl, ty = make_side(4, 3, "cpu", torch.float64, 0.3)
+
+    def fn(a, b):
+        out = fastadapt.alpha_weighted_cross_entropy(a, sy, b, ty, 0.37, label_smoothing=label_smoothing,
+                                                     reduction=reduction)
+        return out if reduction != "none" else out[0].sum() * 1.3 + out[1]
+
+    assert torch.autograd.gradcheck(fn, (sl, tl))
+
+
+def _op_args(requires_grad, reduction=1):
+    sl, sy = make_side(6, 11, "cpu", torch.float32, 0.3)
+    tl, ty = make_side(5, 4, "cpu", torch.float32, 0.3)
+    sl = sl.detach().requires_grad_(requires_grad)
+    tl = tl.detach().requires_grad_(requires_grad)
+    return (sl, sy, tl, ty, torch.tensor(0.4, dtype=torch.float64), -100, 0.1, reduction)
+
+
+@pytest.mark.skipif(not fastadapt.has_ops(), reason="compiled extension not loaded")
+@pytest.mark.parametrize("requires_grad", [False, True])
+@pytest.mark.parametrize("reduction", [0, 1, 2])
+def test_opcheck_public_op(requires_grad, reduction):
+    torch.library.opcheck(torch.ops.fastadapt.alpha_weighted_cross_entropy.default, _op_args(requires_grad, reduction))
+
+
+@pytest.mark.skipif(not fastadapt.has_ops(), reason="compiled extension not loaded")
+@pytest.mark.parametrize("reduction", [0, 1])
+def test_opcheck_internal_ops(reduction):
+    args = _op_args(False, reduction)
+    torch.library.opcheck(torch.ops.fastadapt._alpha_weighted_cross_entropy_forward.default, (*args, [True, True]))
+    out = torch.ops.fastadapt._alpha_weighted_cross_entropy_forward(*args, [False, False])
+    g0 = torch.randn(args[1].shape) if reduction == 0 else torch.tensor(1.3)
+    g1 = torch.randn(args[3].shape) if reduction == 0 else None
+    bargs = (g0, g1, *args[:5], out[2], out[3], out[4], *args[5:], [True, True])
+    torch.library.opcheck(torch.ops.fastadapt._alpha_weighted_cross_entropy_backward.default, bargs)
+
+
+@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(backend, compile_backend):
+    sl, sy = make_side(20, 30, "cpu", torch.float32, 0.2)
+    tl, ty = make_side(15, 30, "cpu", torch.float32, 0.2)
+
+    def step(a, b, alpha):
+        return fastadapt.alpha_weighted_cross_entropy(a, sy, b, ty, alpha, label_smoothing=0.1) * 2.0
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend=compile_backend)
+    for alpha in (0.3, 0.9):  # a tensor alpha changes value without a recompile
+        a_t = torch.tensor(alpha, dtype=torch.float64)
+        sl.grad = tl.grad = None
+        out = compiled(sl, tl, a_t)
+        out.backward()
+        got = (out.detach(), sl.grad.clone(), tl.grad.clone())
+        sl.grad = tl.grad = None
+        ref = step(sl, tl, a_t)
+        ref.backward()
+        torch.testing.assert_close(got[0], ref.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got[1], sl.grad, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(got[2], tl.grad, rtol=1e-5, atol=1e-7)
+
+
+# ---- bad input ------------------------------------------------------------------------------
+
+def _good():
+    sl, sy = make_side(4, 5, "cpu", torch.float32)
+    tl, ty = make_side(3, 6, "cpu", torch.float32)
+    return [sl, sy, tl, ty]
+
+
+@pytest.mark.parametrize(
+    "mutate, kwargs, exc, match",
+    [
+        (lambda a: a.__setitem__(1, torch.zeros(5, dtype=torch.long)), {}, ValueError, r"source_labels has shape \(5,\)"),
+        (lambda a: a.__setitem__(3, torch.zeros(3, 2, dtype=torch.long)), {}, ValueError, r"target_labels has shape"),
+        (lambda a: a.__setitem__(1, a[1].float()), {}, TypeError, r"source_labels must have an integer dtype, got torch.float32"),
+        (lambda a: a.__setitem__(3, a[3].bool()), {}, TypeError, r"target_labels must have an integer dtype"),
+        (lambda a: a.__setitem__(0, a[0].detach().long()), {}, TypeError, r"source_logits must be a floating tensor.*int64"),
+        (lambda a: a.__setitem__(2, a[2].detach().half()), {}, TypeError, r"target_logits must be a floating tensor.*float16"),
+        (lambda a: a.__setitem__(2, a[2].detach().double()), {}, TypeError, r"target_logits has dtype torch.float64 but source_logits"),
+        (lambda a: a.__setitem__(1, a[1].to("meta")), {}, ValueError, r"source_labels is on meta but source_logits is on cpu"),
+        (lambda a: None, {"alpha": 1.5}, ValueError, r"alpha must lie in \[0, 1\], got 1.5"),
+        (lambda a: None, {"alpha": -0.1}, ValueError, r"alpha must lie in \[0, 1\], got -0.1"),
+        (lambda a: None, {"alpha": float("nan")}, ValueError, r"alpha must lie in \[0, 1\], got nan"),
+        (lambda a: None, {"alpha": torch.tensor(2.0)}, ValueError, r"alpha must lie in \[0, 1\], got 2.0"),
+        (lambda a: None, {"alpha": torch.tensor([0.1, 0.2])}, ValueError, r"alpha must be a float or a 0-dim tensor"),
+        (lambda a: None, {"label_smoothing": 1.2}, ValueError, r"label_smoothing must lie in \[0, 1\], got 1.2"),
+        (lambda a: None, {"label_smoothing": -0.5}, ValueError, r"label_smoothing must lie in \[0, 1\], got -0.5"),
+        (lambda a: None, {"reduction": "avg"}, ValueError, r"reduction must be one of .* got 'avg'"),
+    ],
+)
+def test_bad_input_raises_before_running(backend, mutate, kwargs, exc, match):
+    args = _good()
+    mutate(args)
+    before = [t.detach().clone() if t.device.type != "meta" else None for t in args]
+    with pytest.raises(exc, match=match):
+        fastadapt.alpha_weighted_cross_entropy(*args, **kwargs)
+    for b, t in zip(before, args):
+        if b is not None:
+            assert torch.equal(b, t.detach())
+
+
+def test_label_out_of_range_names_the_value():
+    args = _good()
+    args[3] = torch.tensor([0, 7, 1])
+    with pytest.raises(IndexError, match=r"target_labels contains the label 7|Target 7 is out of bounds"):
+        fastadapt.alpha_weighted_cross_entropy(*args)
+    args[3] = torch.tensor([0, -3, 1])
+    with pytest.raises(IndexError, match=r"-3"):
+        fastadapt.alpha_weighted_cross_entropy(*args)
+
+
+@pytest.mark.skipif(not fastadapt.has_ops(), reason="compiled extension not loaded")
+def test_direct_op_call_validates_in_cpp():
+    sl, sy, tl, ty = _good()
+    a = torch.tensor(0.5, dtype=torch.float64)
+    with pytest.raises(ValueError, match="alpha must lie in"):
+        torch.ops.fastadapt.alpha_weighted_cross_entropy(sl, sy, tl, ty, torch.tensor(3.0), -100, 0.0, 1)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        torch.ops.fastadapt.alpha_weighted_cross_entropy(sl, sy, tl, ty, a, -100, 2.0, 1)
+    with pytest.raises(ValueError, match="reduction"):
+        torch.ops.fastadapt.alpha_weighted_cross_entropy(sl, sy, tl, ty, a, -100, 0.0, 7)
+    with pytest.raises(TypeError, match="source_labels must have an integer dtype"):
+        torch.ops.fastadapt.alpha_weighted_cross_entropy(sl, sy.float(), tl, ty, a, -100, 0.0, 1)
+    with pytest.raises(IndexError, match="contains the label 9"):
+        torch.ops.fastadapt.alpha_weighted_cross_entropy(sl, torch.tensor([0, 9, 1, 2]), tl, ty, a, -100, 0.0, 1)
