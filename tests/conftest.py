@@ -5,19 +5,11 @@ import torch
 import fastadapt
 from fastadapt import _extension
 
-CUDA = torch.cuda.is_available()
-
-# Parametrize a test over these to run it on every device; CUDA cases carry the `cuda` marker.
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+from devices import CUDA, DEVICES, skip_cuda_items_without_gpu  # noqa: F401  (DEVICES is re-exported)
 
 
 def pytest_collection_modifyitems(config, items):
-    if CUDA:
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
-    for item in items:
-        if "cuda" in item.keywords:
-            item.add_marker(skip)
+    skip_cuda_items_without_gpu(items)
 
 
 @pytest.fixture(params=["compiled", "fallback"])
