@@ -40,45 +40,74 @@ template <>
 const LossRowFns<double>& fns<double>() { return row_fns_double(); }
 
 // Row-wise forward for one dtype. row_loss[r] gets the unweighted loss (0 at ignored or skipped rows).
+// Work items are blocks of kBlockRows rows of one side; wide rows are then done one at a time.
 template <typename scalar_t>
 void forward_rows(const CeSide& s, const CeSide& t, int64_t ignore, double eps, std::array<Tensor, 2>& grads,
                   std::array<double, 2> grad_scale, std::vector<double>& row_loss, std::array<Tensor, 2>& lse) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
   constexpr bool kWiden = !std::is_same_v<scalar_t, acc_t>;
   const auto& f = fns<acc_t>();
-  const int64_t C = std::max(s.classes, t.classes);
-  const bool any_grad = grads[0].numel() > 0 || grads[1].numel() > 0;
-  at::parallel_for(0, s.rows + t.rows, std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(C, 1)),
-                   [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> xs(kWiden ? C : 0), gs(kWiden && any_grad ? C : 0);
-    for (int64_t r = begin; r < end; ++r) {
-      const int side = r < s.rows ? 0 : 1;
-      const CeSide& d = side == 0 ? s : t;
-      const int64_t i = side == 0 ? r : r - s.rows;
-      double* lse_row = lse[side].data_ptr<double>() + i;
-      const Tensor& g = grads[side];
-      scalar_t* grow = g.numel() > 0 ? g.data_ptr<scalar_t>() + i * d.classes : nullptr;
-      const int64_t y = d.label(i);
-      if (!d.evaluated || y == ignore) {
-        row_loss[r] = 0.0;
-        *lse_row = 0.0;
-        if (grow) std::memset(grow, 0, sizeof(scalar_t) * d.classes);
+  const std::array<const CeSide*, 2> sides = {&s, &t};
+  double* const lse_p[2] = {lse[0].data_ptr<double>(), lse[1].data_ptr<double>()};
+  scalar_t* const grad_p[2] = {grads[0].numel() ? grads[0].data_ptr<scalar_t>() : nullptr,
+                               grads[1].numel() ? grads[1].data_ptr<scalar_t>() : nullptr};
+  const int64_t blocks_s = (s.rows + kBlockRows - 1) / kBlockRows;
+  const int64_t blocks = blocks_s + (t.rows + kBlockRows - 1) / kBlockRows;
+  const int64_t C = std::max<int64_t>({s.classes, t.classes, 1});
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / (C * kBlockRows));
+  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+    const int64_t scratch = C <= kSmallClasses ? kBlockRows * C : C;
+    std::vector<acc_t> xs(kWiden ? scratch : 0), gs(kWiden ? scratch : 0);
+    for (int64_t b = begin; b < end; ++b) {
+      const int side = b < blocks_s ? 0 : 1;
+      const CeSide& d = *sides[side];
+      const int64_t r0 = (side == 0 ? b : b - blocks_s) * kBlockRows;
+      const int64_t n = std::min(kBlockRows, d.rows - r0), Cd = d.classes;
+      double* loss = row_loss.data() + (side == 0 ? 0 : s.rows) + r0;
+      scalar_t* g = grad_p[side] ? grad_p[side] + r0 * Cd : nullptr;
+      if (!d.evaluated) {  // a zero-weight side is not read at all
+        std::fill(loss, loss + n, 0.0);
+        std::fill(lse_p[side] + r0, lse_p[side] + r0 + n, 0.0);
+        if (g) std::memset(g, 0, sizeof(scalar_t) * n * Cd);
         continue;
       }
-      const scalar_t* x = d.row<scalar_t>(i);
-      const acc_t* xa;
-      acc_t* ga = nullptr;
-      if constexpr (kWiden) {
-        at::vec::convert(x, xs.data(), d.classes);
-        xa = xs.data();
-        if (grow) ga = gs.data();
-      } else {
-        xa = x;
-        ga = grow;
+      const acc_t sc = acc_t(grad_scale[side]);
+      if (Cd <= kSmallClasses) {
+        // narrow rows: the whole block at once (bf16 widened into a float scratch block first)
+        const acc_t* x;
+        int64_t stride;
+        if constexpr (kWiden) {
+          for (int64_t l = 0; l < n; ++l) at::vec::convert(d.row<scalar_t>(r0 + l), xs.data() + l * Cd, Cd);
+          x = xs.data();
+          stride = Cd;
+        } else {
+          x = d.row<scalar_t>(r0);
+          stride = d.row_stride;
+        }
+        acc_t* ga = g ? (kWiden ? gs.data() : reinterpret_cast<acc_t*>(g)) : nullptr;
+        f.ce_rows_small(x, stride, Cd, d.y + r0, n, ignore, acc_t(eps), ga, sc, lse_p[side] + r0, loss);
+        if constexpr (kWiden) {
+          if (g) at::vec::convert(gs.data(), g, n * Cd);
+        }
+        continue;
       }
-      row_loss[r] = f.ce_row(xa, d.classes, y, acc_t(eps), ga, acc_t(grad_scale[side]), lse_row);
-      if constexpr (kWiden) {
-        if (grow) at::vec::convert(gs.data(), grow, d.classes);
+      // wide rows one at a time, so each stays in L2 across the passes of ce_row
+      for (int64_t l = 0; l < n; ++l) {
+        const int64_t y = d.y[r0 + l];
+        scalar_t* gl = g ? g + l * Cd : nullptr;
+        if (y == ignore) {
+          loss[l] = 0.0;
+          lse_p[side][r0 + l] = 0.0;
+          if (gl) std::memset(gl, 0, sizeof(scalar_t) * Cd);
+          continue;
+        }
+        if constexpr (kWiden) {
+          at::vec::convert(d.row<scalar_t>(r0 + l), xs.data(), Cd);
+          loss[l] = f.ce_row(xs.data(), Cd, y, acc_t(eps), gl ? gs.data() : nullptr, sc, lse_p[side] + r0 + l);
+          if (gl) at::vec::convert(gs.data(), gl, Cd);
+        } else {
+          loss[l] = f.ce_row(d.row<scalar_t>(r0 + l), Cd, y, acc_t(eps), gl, sc, lse_p[side] + r0 + l);
+        }
       }
     }
   });
@@ -163,23 +192,25 @@ void backward_rows(const CeSide& s, const CeSide& t, int64_t ignore, double eps,
   constexpr bool kWiden = !std::is_same_v<scalar_t, acc_t>;
   const auto& f = fns<acc_t>();
   const int64_t C = std::max(s.classes, t.classes);
+  const double* const lse_p[2] = {lse[0].const_data_ptr<double>(), lse[1].const_data_ptr<double>()};
+  scalar_t* const grad_p[2] = {grads[0].numel() ? grads[0].data_ptr<scalar_t>() : nullptr,
+                               grads[1].numel() ? grads[1].data_ptr<scalar_t>() : nullptr};
   at::parallel_for(0, s.rows + t.rows, std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(C, 1)),
                    [&](int64_t begin, int64_t end) {
     std::vector<acc_t> xs(kWiden ? C : 0), gs(kWiden ? C : 0);
     for (int64_t r = begin; r < end; ++r) {
       const int side = r < s.rows ? 0 : 1;
-      const Tensor& g = grads[side];
-      if (g.numel() == 0) continue;
+      if (grad_p[side] == nullptr) continue;
       const CeSide& d = side == 0 ? s : t;
       const int64_t i = side == 0 ? r : r - s.rows;
-      scalar_t* grow = g.data_ptr<scalar_t>() + i * d.classes;
+      scalar_t* grow = grad_p[side] + i * d.classes;
       const int64_t y = d.label(i);
       if (y == ignore) {
         std::memset(grow, 0, sizeof(scalar_t) * d.classes);
         continue;
       }
       const acc_t k = acc_t(row_scale[side] ? row_scale[side][i] * scale[side] : scale[side]);
-      const double l = lse[side].data_ptr<double>()[i];
+      const double l = lse_p[side][i];
       const scalar_t* x = d.row<scalar_t>(i);
       if constexpr (kWiden) {
         at::vec::convert(x, xs.data(), d.classes);

@@ -15,16 +15,18 @@ struct CeSide {
   int64_t rows = 0, classes = 0, row_stride = 0;
   double weight = 0.0;
   bool evaluated = false;  // weight != 0: a zero-weight term is not evaluated at all
+  // Raw pointers, taken once: Tensor::data_ptr() checks cost more than a 10-class row's arithmetic.
+  const void* x = nullptr;
+  const int64_t* y = nullptr;
 
-  int64_t label(int64_t i) const { return labels.const_data_ptr<int64_t>()[i]; }
+  int64_t label(int64_t i) const { return y[i]; }
   template <typename T>
   const T* row(int64_t i) const {
-    return logits.const_data_ptr<T>() + i * row_stride;
+    return static_cast<const T*>(x) + i * row_stride;
   }
   // Number of rows whose label is not ignore_index; throws on a label outside [0, classes).
   int64_t count_valid(int64_t ignore, const char* name) const {
     if (!evaluated) return 0;
-    const int64_t* y = labels.const_data_ptr<int64_t>();
     int64_t n = 0;
     for (int64_t i = 0; i < rows; ++i) {
       if (y[i] == ignore) continue;
@@ -51,6 +53,8 @@ inline CeSide make_ce_side(const at::Tensor& logits, const at::Tensor& labels, d
   d.logits = l2;
   d.row_stride = d.rows > 1 ? l2.stride(0) : d.classes;
   d.labels = labels.reshape({d.rows}).to(at::kLong).contiguous();
+  d.x = d.logits.const_data_ptr();
+  d.y = d.labels.const_data_ptr<int64_t>();
   return d;
 }
 

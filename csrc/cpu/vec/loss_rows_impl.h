@@ -4,7 +4,9 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 
 #include "cpu/loss_rows.h"
@@ -25,19 +27,22 @@ inline T max_nan(T a, T b) {
 inline Vectorized<float> vexp(const Vectorized<float>& v) { return v.exp_u20(); }
 inline Vectorized<double> vexp(const Vectorized<double>& v) { return v.exp(); }
 
+// The last partial vector of a row, padded with `pad` (masked load: nothing past the row is read).
+template <typename T>
+inline Vectorized<T> load_tail(const T* p, int64_t n, T pad) {
+  return Vectorized<T>::set(Vectorized<T>(pad), Vectorized<T>::loadu(p, n), n);
+}
+
 template <typename T>
 inline T row_max(const T* x, int64_t C) {
   using V = Vectorized<T>;
   constexpr int64_t W = V::size();
+  const T ninf = -std::numeric_limits<T>::infinity();
+  V vm(ninf);
   int64_t i = 0;
-  T m = -std::numeric_limits<T>::infinity();
-  if (C >= W) {
-    V vm = V::loadu(x);
-    for (i = W; i + W <= C; i += W) vm = at::vec::maximum(vm, V::loadu(x + i));
-    m = at::vec::vec_reduce_all<T>([](V& a, V& b) { return at::vec::maximum(a, b); }, vm);
-  }
-  for (; i < C; ++i) m = max_nan(m, x[i]);
-  return m;
+  for (; i + W <= C; i += W) vm = at::vec::maximum(vm, V::loadu(x + i));
+  if (i < C) vm = at::vec::maximum(vm, load_tail(x + i, C - i, ninf));
+  return at::vec::vec_reduce_all<T>([](V& a, V& b) { return at::vec::maximum(a, b); }, vm);
 }
 
 template <typename T>
@@ -57,6 +62,7 @@ T ce_row_t(const T* x, int64_t C, int64_t y, T eps, T* grad, T scale, double* ls
     return nan;
   }
   // sum of exp(x - m) and of x; with kGrad the exponentials are parked in grad (cache-resident).
+  // The row's tail is one masked vector: -inf pads give exp() = 0, zero pads add nothing to sum(x).
   const V vm(m);
   V vs(0), vx(0);
   int64_t i = 0;
@@ -67,21 +73,21 @@ T ce_row_t(const T* x, int64_t C, int64_t y, T eps, T* grad, T scale, double* ls
     vs = vs + e;
     if (kSmooth) vx = vx + xv;
   }
-  T s = at::vec::vec_reduce_all<T>([](V& a, V& b) { return a + b; }, vs);
-  T sx = kSmooth ? at::vec::vec_reduce_all<T>([](V& a, V& b) { return a + b; }, vx) : T(0);
-  for (; i < C; ++i) {
-    T e = std::exp(x[i] - m);
-    if (kGrad) grad[i] = e;
-    s += e;
-    if (kSmooth) sx += x[i];
+  const int64_t rest = C - i;
+  if (rest > 0) {
+    V e = vexp(load_tail(x + i, rest, -std::numeric_limits<T>::infinity()) - vm);
+    if (kGrad) e.store(grad + i, rest);
+    vs = vs + e;
+    if (kSmooth) vx = vx + V::loadu(x + i, rest);
   }
+  const T s = at::vec::vec_reduce_all<T>([](V& a, V& b) { return a + b; }, vs);
+  const T sx = kSmooth ? at::vec::vec_reduce_all<T>([](V& a, V& b) { return a + b; }, vx) : T(0);
   *lse_out = double(m) + double(std::log(s));
   const T off = kSmooth ? eps / T(C) : T(0);
   if (kGrad) {
     const V vk(scale / s), vo(scale * off);
     for (i = 0; i + W <= C; i += W) (V::loadu(grad + i) * vk - vo).store(grad + i);
-    const T k = scale / s, o = scale * off;
-    for (; i < C; ++i) grad[i] = grad[i] * k - o;
+    if (rest > 0) (V::loadu(grad + i, rest) * vk - vo).store(grad + i, rest);
     grad[y] -= scale * (T(1) - eps);
   }
   // (m - x[y]) first: with logits near 1e4, lse - x[y] would lose the answer to rounding.
@@ -102,6 +108,65 @@ T ce_row(const T* x, int64_t C, int64_t y, T eps, T* grad, T scale, double* lse)
 }
 
 template <typename T>
+void ce_rows_small(const T* x, int64_t row_stride, int64_t C, const int64_t* y, int64_t rows, int64_t ignore, T eps,
+                   T* grad, T scale, double* lse, double* loss) {
+  using V = Vectorized<T>;
+  constexpr int64_t W = V::size();
+  static_assert(kBlockRows % W == 0 || W > kBlockRows, "block rows must be whole vectors");
+  const T nan = std::numeric_limits<T>::quiet_NaN();
+  const T off = eps / T(C);
+  for (int64_t r0 = 0; r0 < rows; r0 += W) {
+    const int64_t n = std::min<int64_t>(W, rows - r0);
+    // transpose the block: xt[c] holds class c of W rows (absent rows repeat row 0: finite, unused)
+    alignas(64) T xt[kSmallClasses][W];
+    for (int64_t l = 0; l < W; ++l) {
+      const T* xr = x + (r0 + (l < n ? l : 0)) * row_stride;
+      for (int64_t c = 0; c < C; ++c) xt[c][l] = xr[c];
+    }
+    V vm = V::loadu(xt[0]);
+    for (int64_t c = 1; c < C; ++c) vm = at::vec::maximum(vm, V::loadu(xt[c]));
+    V vs(0), vx(0);
+    for (int64_t c = 0; c < C; ++c) {
+      V xv = V::loadu(xt[c]);
+      V e = vexp(xv - vm);
+      e.store(xt[c]);  // xt now holds exp(x - m); x itself is re-read below only at the label
+      vs = vs + e;
+      vx = vx + xv;
+    }
+    alignas(64) T m[W], s[W], sx[W];
+    vm.store(m);
+    vs.store(s);
+    vx.store(sx);
+    for (int64_t l = 0; l < n; ++l) {
+      const int64_t r = r0 + l, yl = y[r];
+      T* gr = grad ? grad + r * C : nullptr;
+      if (yl == ignore) {
+        lse[r] = 0.0;
+        loss[r] = 0.0;
+        if (gr) std::memset(gr, 0, sizeof(T) * C);
+        continue;
+      }
+      if (!std::isfinite(m[l])) {  // NaN in the row, +inf, or all -inf: NaN, as in ATen
+        lse[r] = loss[r] = nan;
+        if (gr) fill(gr, C, nan);
+        continue;
+      }
+      const T xy = x[r * row_stride + yl];
+      const T ls = std::log(s[l]);
+      lse[r] = double(m[l]) + double(ls);
+      T lr = (m[l] - xy) + ls;
+      if (eps != T(0)) lr += eps * (xy - sx[l] / T(C));
+      loss[r] = lr;
+      if (gr) {
+        const T k = scale / s[l], o = scale * off;
+        for (int64_t c = 0; c < C; ++c) gr[c] = xt[c][l] * k - o;
+        gr[yl] -= scale * (T(1) - eps);
+      }
+    }
+  }
+}
+
+template <typename T>
 void ce_grad_row(const T* x, int64_t C, int64_t y, T eps, double lse, T scale, T* grad) {
   using V = Vectorized<T>;
   constexpr int64_t W = V::size();
@@ -115,7 +180,7 @@ void ce_grad_row(const T* x, int64_t C, int64_t y, T eps, double lse, T scale, T
   const V vh(hi), vlo(lo), vk(scale), vo(o);
   int64_t i = 0;
   for (; i + W <= C; i += W) (vexp((V::loadu(x + i) - vh) - vlo) * vk - vo).store(grad + i);
-  for (; i < C; ++i) grad[i] = std::exp((x[i] - hi) - lo) * scale - o;
+  if (i < C) (vexp((V::loadu(x + i, C - i) - vh) - vlo) * vk - vo).store(grad + i, C - i);
   grad[y] -= scale * (T(1) - eps);
 }
 
@@ -133,19 +198,19 @@ double mse_chunk(const T* x, const T* y, int64_t n, T* grad, T scale, T* elem, T
     if (grad) (d * vk).store(grad + i);
     if (elem) (d2 * vw).store(elem + i);
   }
-  double s = at::vec::vec_reduce_all<T>([](V& a, V& b) { return a + b; }, acc);
-  for (; i < n; ++i) {
-    T d = x[i] - y[i];
-    s += double(d) * double(d);
-    if (grad) grad[i] = d * scale;
-    if (elem) elem[i] = d * d * w;
+  if (i < n) {  // zero-padded tail: contributes 0 to the sum
+    V d = V::loadu(x + i, n - i) - V::loadu(y + i, n - i);
+    V d2 = d * d;
+    acc = acc + d2;
+    if (grad) (d * vk).store(grad + i, n - i);
+    if (elem) (d2 * vw).store(elem + i, n - i);
   }
-  return s;
+  return at::vec::vec_reduce_all<T>([](V& a, V& b) { return a + b; }, acc);
 }
 
 template <typename T>
 LossRowFns<T> make() {
-  return LossRowFns<T>{&ce_row<T>, &ce_grad_row<T>, &mse_chunk<T>};
+  return LossRowFns<T>{&ce_row<T>, &ce_rows_small<T>, &ce_grad_row<T>, &mse_chunk<T>};
 }
 
 }  // namespace
