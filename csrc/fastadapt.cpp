@@ -11,6 +11,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/grad_buffer.h"
+
 #ifndef FASTADAPT_TORCH_VERSION
 #define FASTADAPT_TORCH_VERSION "unknown"
 #endif
@@ -61,8 +63,20 @@ TORCH_LIBRARY(fastadapt, m) {
       "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
 }
 
-// `import fastadapt._C` loads the kernels; the module itself carries only what the build knew.
-static struct PyModuleDef fastadapt_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+// `import fastadapt._C` loads the kernels; the module itself carries what the build knew and the
+// CPU gradient-buffer cache controls (csrc/cpu/grad_buffer.h).
+static PyObject* py_empty_cache(PyObject*, PyObject*) {
+  return PyLong_FromLongLong(fastadapt::cpu::empty_cache());
+}
+static PyObject* py_cache_stats(PyObject*, PyObject*) {
+  auto [bytes, blocks] = fastadapt::cpu::cache_stats();
+  return Py_BuildValue("(LL)", static_cast<long long>(bytes), static_cast<long long>(blocks));
+}
+static PyMethodDef fastadapt_methods[] = {
+    {"empty_cache", py_empty_cache, METH_NOARGS, "Release idle CPU gradient buffers; returns the bytes freed."},
+    {"cache_stats", py_cache_stats, METH_NOARGS, "(idle bytes, idle blocks) held by the CPU gradient cache."},
+    {nullptr, nullptr, 0, nullptr}};
+static struct PyModuleDef fastadapt_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, fastadapt_methods};
 
 PyMODINIT_FUNC PyInit__C(void) {
   PyObject* m = PyModule_Create(&fastadapt_module);

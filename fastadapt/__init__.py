@@ -1,5 +1,5 @@
 """fastadapt: fused C++/CUDA kernels and training loops for transfer and adaptive learning in PyTorch."""
-from fastadapt._extension import build_info, has_cuda_ops, has_ops
+from fastadapt._extension import build_info, empty_cache, has_cuda_ops, has_ops
 from fastadapt import _fake  # noqa: F401  (fake kernels, so torch.compile traces the compiled ops)
 from fastadapt.losses import AlphaWeightedLoss, alpha_weighted_cross_entropy, alpha_weighted_mse
 from fastadapt.linear_relu import FusedLinearReLU, linear_relu
@@ -9,6 +9,7 @@ __all__ = [
     "alpha_weighted_cross_entropy",
     "alpha_weighted_mse",
     "build_info",
+    "empty_cache",
     "has_cuda_ops",
     "has_ops",
     "FusedLinearReLU",
