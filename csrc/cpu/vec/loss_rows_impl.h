@@ -6,6 +6,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
 #include <cstring>
 #include <limits>
 
@@ -45,6 +48,39 @@ inline T row_max(const T* x, int64_t C) {
   return at::vec::vec_reduce_all<T>([](V& a, V& b) { return at::vec::maximum(a, b); }, vm);
 }
 
+// Stores that bypass the cache for gradient rows nobody reads again soon: a plain store first
+// reads the line from DRAM (read-for-ownership), so streaming saves a third of the row's traffic.
+template <typename T>
+inline void store_stream(T* p, const Vectorized<T>& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) return _mm512_stream_ps(p, v);
+  if constexpr (std::is_same_v<T, double>) return _mm512_stream_pd(p, v);
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<T, float>) return _mm256_stream_ps(p, v);
+  if constexpr (std::is_same_v<T, double>) return _mm256_stream_pd(p, v);
+#endif
+  v.store(p);
+}
+
+inline void stream_fence() {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();  // streaming stores are weakly ordered: publish them before the row is handed back
+#endif
+}
+
+// out[i] = a[i] * k - o over n elements; out is written with streaming stores where aligned.
+template <typename T>
+inline void scale_shift_stream(const T* a, int64_t n, T k, T o, T* out) {
+  using V = Vectorized<T>;
+  constexpr int64_t W = V::size();
+  int64_t i = 0;
+  for (; i < n && (reinterpret_cast<uintptr_t>(out + i) % (W * sizeof(T))) != 0; ++i) out[i] = a[i] * k - o;
+  const V vk(k), vo(o);
+  for (; i + W <= n; i += W) store_stream(out + i, V::loadu(a + i) * vk - vo);
+  for (; i < n; ++i) out[i] = a[i] * k - o;
+  stream_fence();
+}
+
 template <typename T>
 inline void fill(T* p, int64_t n, T v) {
   for (int64_t i = 0; i < n; ++i) p[i] = v;
@@ -61,22 +97,29 @@ T ce_row_t(const T* x, int64_t C, int64_t y, T eps, T* grad, T scale, double* ls
     if (kGrad) fill(grad, C, nan);
     return nan;
   }
-  // sum of exp(x - m) and of x; with kGrad the exponentials are parked in grad (cache-resident).
-  // The row's tail is one masked vector: -inf pads give exp() = 0, zero pads add nothing to sum(x).
+  // sum of exp(x - m) and of x; with kGrad the exponentials are parked in a per-thread scratch row
+  // that stays in L2. The row's tail is one masked vector: -inf pads give exp() = 0, zero pads add
+  // nothing to sum(x).
+  thread_local std::vector<T> scratch_row;
+  T* e_row = nullptr;
+  if (kGrad) {
+    if (static_cast<int64_t>(scratch_row.size()) < C) scratch_row.resize(C);
+    e_row = scratch_row.data();
+  }
   const V vm(m);
   V vs(0), vx(0);
   int64_t i = 0;
   for (; i + W <= C; i += W) {
     V xv = V::loadu(x + i);
     V e = vexp(xv - vm);
-    if (kGrad) e.store(grad + i);
+    if (kGrad) e.store(e_row + i);
     vs = vs + e;
     if (kSmooth) vx = vx + xv;
   }
   const int64_t rest = C - i;
   if (rest > 0) {
     V e = vexp(load_tail(x + i, rest, -std::numeric_limits<T>::infinity()) - vm);
-    if (kGrad) e.store(grad + i, rest);
+    if (kGrad) e.store(e_row + i, rest);
     vs = vs + e;
     if (kSmooth) vx = vx + V::loadu(x + i, rest);
   }
@@ -85,9 +128,7 @@ T ce_row_t(const T* x, int64_t C, int64_t y, T eps, T* grad, T scale, double* ls
   *lse_out = double(m) + double(std::log(s));
   const T off = kSmooth ? eps / T(C) : T(0);
   if (kGrad) {
-    const V vk(scale / s), vo(scale * off);
-    for (i = 0; i + W <= C; i += W) (V::loadu(grad + i) * vk - vo).store(grad + i);
-    if (rest > 0) (V::loadu(grad + i, rest) * vk - vo).store(grad + i, rest);
+    scale_shift_stream(e_row, C, scale / s, scale * off, grad);
     grad[y] -= scale * (T(1) - eps);
   }
   // (m - x[y]) first: with logits near 1e4, lse - x[y] would lose the answer to rounding.
