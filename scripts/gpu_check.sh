@@ -5,8 +5,9 @@
 #
 # Stages (each under `timeout`; a failing stage is reported and the next one still runs):
 #   1. nvidia-smi          2. build in place for this GPU only       3. python3 -m fastadapt info
-#   4. CUDA tests (pytest -m cuda)    5. CUDA benchmarks (pytest-benchmark JSON)    6. benchmark table
-#   7. compute-sanitizer memcheck over tests/test_cuda_kernels.py, only if time is left
+#   4. scripts/cuda_smoke.py: parity of every op and dtype + CE bandwidth vs copy and eager
+#   5. CUDA tests (pytest -m cuda)    6. CUDA benchmarks (pytest-benchmark JSON)    7. benchmark table
+#   8. compute-sanitizer memcheck over tests/test_cuda_kernels.py, only if time is left
 # Everything lands in $OUT: one log per stage, bench_cuda.json, cuda_tests.xml and summary.txt.
 # Budget: about 8 minutes in all (GPU_CHECK_BUDGET seconds, default 470).
 set -u -o pipefail
@@ -54,6 +55,8 @@ stage nvidia_smi 20 "nvidia-smi; nvcc --version || /usr/local/cuda/bin/nvcc --ve
 stage build 260 "TORCH_CUDA_ARCH_LIST='$ARCH' MAX_JOBS=\${MAX_JOBS:-16} FASTADAPT_CUDA=1 $PY setup.py -q build_ext --inplace"
 
 stage info 40 "$PY -m fastadapt info"
+
+stage smoke 90 "$PY scripts/cuda_smoke.py"
 
 stage cuda_tests 150 "$PY -m pytest -q -m cuda tests -p no:cacheprovider -rs --durations=15 --junitxml='$OUT/cuda_tests.xml'"
 

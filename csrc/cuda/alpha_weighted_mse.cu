@@ -75,11 +75,11 @@ __global__ __launch_bounds__(kThreads) void mse_kernel(const MseArgs p) {
   const A k_elem = static_cast<A>(2.0 * w);
   const A wa = static_cast<A>(w);
 
-  A acc = A(0);
+  double acc = 0.0;  // fp64 adds are free in a memory-bound loop and keep long per-thread sums accurate
   auto one = [&](A xv, A yv, A gv, scalar_t& o_out, scalar_t& o_grad) {
     const A diff = xv - yv;
     const A d2 = diff * diff;
-    acc += d2;
+    acc += static_cast<double>(d2);
     o_out = static_cast<scalar_t>(zero ? A(0) : d2 * wa);
     o_grad = static_cast<scalar_t>(zero ? A(0) : diff * (ge ? gv * k_elem : k_scalar));
   };
@@ -111,7 +111,7 @@ __global__ __launch_bounds__(kThreads) void mse_kernel(const MseArgs p) {
     if (grad) grad[e] = gr;
   }
   if (p.partials) {
-    const double total = block_sum(static_cast<double>(acc), smem);
+    const double total = block_sum(acc, smem);
     if (threadIdx.x == 0) p.partials[blockIdx.x] = total;
   }
 }
