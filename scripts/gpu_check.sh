@@ -58,7 +58,7 @@ stage info 40 "$PY -m fastadapt info"
 
 stage smoke 90 "$PY scripts/cuda_smoke.py"
 
-stage cuda_tests 150 "$PY -m pytest -q -m cuda tests -p no:cacheprovider -rs --durations=15 --junitxml='$OUT/cuda_tests.xml'"
+stage cuda_tests 180 "$PY -m pytest -q -m cuda tests -p no:cacheprovider -rs --durations=15 --junitxml='$OUT/cuda_tests.xml'"
 
 stage cuda_bench 150 "$PY -m pytest -q benchmarks -k cuda -p no:cacheprovider --benchmark-only --benchmark-json='$OUT/bench_cuda.json'"
 
