@@ -1,0 +1,315 @@
+// CUDA kernels of the alpha-weighted MSE:
+//   loss = alpha * MSE(target_pred, target_target) + (1 - alpha) * MSE(source_pred, source_target)
+//
+// What it fuses: the difference, the square, the per-side reduction, the alpha weighting and (on
+// request) the gradient, in one elementwise pass per side. Bytes: forward reads pred and target once
+// (2n*sizeof(T)) and writes only per-block partial sums (reduction mean/sum; 8 bytes per block) or
+// the weighted per-element losses (reduction none, n*sizeof(T)); backward reads pred and target once
+// and writes the gradient once (3n*sizeof(T), plus n for an elementwise grad_output).
+// Reductions are deterministic: a fixed number of blocks per side (a function of n only) each write a
+// double partial, and one finalize block sums them in a fixed order; no float atomics.
+// No host sync: a device alpha and a device grad_output are read by the kernels. A device alpha
+// outside [0, 1] (or NaN) makes every output NaN (see side_weight in common.cuh).
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+
+#include "cuda/common.cuh"
+#include "loss_common.h"
+
+namespace fastadapt::cuda {
+namespace {
+
+using at::Tensor;
+
+constexpr int kThreads = 256;
+constexpr int64_t kMaxBlocksPerSide = 1024;
+
+struct MseSideDev {
+  const void* pred = nullptr;
+  const void* target = nullptr;
+  int64_t n = 0;
+  int64_t block_begin = 0, nblocks = 0;  // this side's blocks in the grid / in the partials
+  bool vec = false;                      // every pointer of this side is 16-byte aligned
+  void* out_none = nullptr;              // scalar_t (n,) weighted squared errors, or null
+  void* grad = nullptr;                  // scalar_t (n,) gradient wrt pred, or null
+  const void* g_elem = nullptr;          // scalar_t (n,) elementwise grad_output (reduction none), or null
+  const double* g_dev = nullptr;         // scalar grad_output on the device, else g_host
+  double g_host = 1.0;
+};
+
+struct MseArgs {
+  MseSideDev s[2];
+  AlphaArg alpha;
+  int reduction = kMean;
+  double* partials = nullptr;  // one per block (reduction mean/sum forward), or null
+};
+
+template <typename scalar_t>
+__global__ __launch_bounds__(kThreads) void mse_kernel(const MseArgs p) {
+  using A = acc_t<scalar_t>;
+  using V = Vec<scalar_t>;
+  constexpr int VN = V::N;
+  __shared__ double smem[kThreads / 32];
+  const int sd = blockIdx.x >= p.s[0].nblocks ? 1 : 0;
+  const MseSideDev& d = sd ? p.s[1] : p.s[0];
+  const int64_t blk = int64_t(blockIdx.x) - d.block_begin;
+  const double w = side_weight(p.alpha, sd);
+  const bool zero = w == 0.0;  // uniform across the block
+  const scalar_t* x = static_cast<const scalar_t*>(d.pred);
+  const scalar_t* y = static_cast<const scalar_t*>(d.target);
+  scalar_t* out = static_cast<scalar_t*>(d.out_none);
+  scalar_t* grad = static_cast<scalar_t*>(d.grad);
+  const scalar_t* ge = static_cast<const scalar_t*>(d.g_elem);
+  // d loss / d pred = g * 2w (d / n for mean); formed in double, rounded once to the acc type
+  const double base = p.reduction == kMean ? 2.0 * w / static_cast<double>(d.n) : 2.0 * w;
+  const A k_scalar = static_cast<A>((d.g_dev ? *d.g_dev : d.g_host) * base);
+  const A k_elem = static_cast<A>(2.0 * w);
+  const A wa = static_cast<A>(w);
+
+  double acc = 0.0;  // fp64 adds are free in a memory-bound loop and keep long per-thread sums accurate
+  auto one = [&](A xv, A yv, A gv, scalar_t& o_out, scalar_t& o_grad) {
+    const A diff = xv - yv;
+    const A d2 = diff * diff;
+    acc += static_cast<double>(d2);
+    o_out = static_cast<scalar_t>(zero ? A(0) : d2 * wa);
+    o_grad = static_cast<scalar_t>(zero ? A(0) : diff * (ge ? gv * k_elem : k_scalar));
+  };
+
+  const int64_t tid = blk * kThreads + threadIdx.x;
+  const int64_t nthreads = d.nblocks * kThreads;
+  int64_t scalar_begin = 0;
+  if (d.vec) {
+    const int64_t nvec = d.n / VN;
+    scalar_begin = nvec * VN;
+    for (int64_t v = tid; v < nvec; v += nthreads) {
+      const int64_t e = v * VN;
+      V xv, yv, gv, ov, gr;
+      *reinterpret_cast<uint4*>(&xv) = __ldg(reinterpret_cast<const uint4*>(x + e));
+      *reinterpret_cast<uint4*>(&yv) = __ldg(reinterpret_cast<const uint4*>(y + e));
+      if (ge) *reinterpret_cast<uint4*>(&gv) = __ldg(reinterpret_cast<const uint4*>(ge + e));
+#pragma unroll
+      for (int k = 0; k < VN; ++k) {
+        one(static_cast<A>(xv.v[k]), static_cast<A>(yv.v[k]), ge ? static_cast<A>(gv.v[k]) : A(0), ov.v[k], gr.v[k]);
+      }
+      if (out) *reinterpret_cast<uint4*>(out + e) = *reinterpret_cast<const uint4*>(&ov);
+      if (grad) *reinterpret_cast<uint4*>(grad + e) = *reinterpret_cast<const uint4*>(&gr);
+    }
+  }
+  for (int64_t e = scalar_begin + tid; e < d.n; e += nthreads) {
+    scalar_t o, gr;
+    one(static_cast<A>(x[e]), static_cast<A>(y[e]), ge ? static_cast<A>(ge[e]) : A(0), o, gr);
+    if (out) out[e] = o;
+    if (grad) grad[e] = gr;
+  }
+  if (p.partials) {
+    const double total = block_sum(acc, smem);
+    if (threadIdx.x == 0) p.partials[blockIdx.x] = total;
+  }
+}
+
+constexpr int kFinalizeThreads = 512;
+
+template <typename scalar_t>
+__global__ __launch_bounds__(kFinalizeThreads) void mse_finalize_kernel(const MseArgs p, scalar_t* out0) {
+  __shared__ double smem[kFinalizeThreads / 32];
+  double total = 0.0;
+  for (int sd = 0; sd < 2; ++sd) {
+    const MseSideDev& d = p.s[sd];
+    const double w = side_weight(p.alpha, sd);
+    if (w == 0.0) continue;  // uniform; a zero-weight term is not evaluated
+    double sum = 0.0;
+    for (int64_t b = threadIdx.x; b < d.nblocks; b += blockDim.x) sum += p.partials[d.block_begin + b];
+    sum = block_sum(sum, smem);
+    total += p.reduction == kMean ? w * (sum / static_cast<double>(d.n)) : w * sum;
+  }
+  if (threadIdx.x == 0) *out0 = static_cast<scalar_t>(total);
+}
+
+struct HostSide {
+  Tensor pred, target;
+  std::vector<int64_t> sizes;
+  int64_t n = 0;
+};
+
+HostSide make_side(const Tensor& pred, const Tensor& target) {
+  HostSide h;
+  h.sizes = pred.sizes().vec();
+  h.n = pred.numel();
+  h.pred = pred.contiguous();
+  h.target = target.contiguous();
+  return h;
+}
+
+int64_t blocks_for(int64_t n, int vn) {
+  const int64_t per_block = int64_t(kThreads) * vn * 4;  // about 4 vectors per thread before capping
+  return std::min<int64_t>((n + per_block - 1) / per_block, kMaxBlocksPerSide);
+}
+
+// Fills p.s[k] from h[k]; nblocks 0 for a side whose weight is known on the host to be 0.
+void setup_sides(MseArgs& p, const std::array<HostSide, 2>& h, int vn) {
+  int64_t begin = 0;
+  for (int k = 0; k < 2; ++k) {
+    auto& d = p.s[k];
+    d.pred = h[k].pred.const_data_ptr();
+    d.target = h[k].target.const_data_ptr();
+    d.n = h[k].n;
+    d.nblocks = host_weight_is_zero(p.alpha, k) ? 0 : blocks_for(h[k].n, vn);
+    d.block_begin = begin;
+    begin += d.nblocks;
+  }
+}
+
+void finish_vec_flags(MseArgs& p) {
+  for (auto& d : p.s) {
+    d.vec = aligned16(d.pred) && aligned16(d.target) && aligned16(d.out_none) && aligned16(d.grad) &&
+            aligned16(d.g_elem);
+  }
+}
+
+int vec_elems(at::ScalarType t) { return kVecBytes / static_cast<int>(c10::elementSize(t)); }
+
+void launch(const MseArgs& p, at::ScalarType dtype, Tensor* out0, cudaStream_t stream) {
+  const int64_t blocks = p.s[0].nblocks + p.s[1].nblocks;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "alpha_weighted_mse_cuda", [&] {
+    if (blocks > 0) {
+      mse_kernel<scalar_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    if (out0) {
+      mse_finalize_kernel<scalar_t><<<1, kFinalizeThreads, 0, stream>>>(p, out0->mutable_data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+}
+
+using ForwardOut = std::tuple<Tensor, Tensor, Tensor, Tensor>;
+
+ForwardOut forward(const Tensor& sp, const Tensor& st, const Tensor& tp, const Tensor& tt, const Tensor& alpha,
+                   int64_t reduction, std::array<bool, 2> write_grad) {
+  check_mse_args(sp, st, tp, tt, alpha, reduction);
+  TORCH_CHECK(sp.is_cuda(), "fastadapt CUDA kernel called with ", sp.device(), " tensors");
+  c10::cuda::CUDAGuard device_guard(sp.device());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  Tensor alpha_keep;
+  MseArgs p;
+  p.alpha = make_alpha_arg(alpha, alpha_keep);
+  p.reduction = static_cast<int>(reduction);
+  const std::array<HostSide, 2> h = {make_side(sp, st), make_side(tp, tt)};
+  const auto opts = sp.options();
+  setup_sides(p, h, vec_elems(sp.scalar_type()));
+
+  Tensor out0, out1, partials;
+  std::array<Tensor, 2> grads;
+  for (int k = 0; k < 2; ++k) {
+    const bool zero = host_weight_is_zero(p.alpha, k);
+    if (reduction == kNone) {
+      Tensor o = zero ? at::zeros(h[k].sizes, opts) : at::empty(h[k].sizes, opts);
+      if (!zero) p.s[k].out_none = o.mutable_data_ptr();
+      (k == 0 ? out0 : out1) = o;
+    }
+    if (!write_grad[k]) {
+      grads[k] = at::empty({0}, opts);
+    } else if (zero) {
+      grads[k] = at::zeros(h[k].sizes, opts);
+    } else {
+      grads[k] = at::empty(h[k].sizes, opts);
+      p.s[k].grad = grads[k].mutable_data_ptr();
+      p.s[k].g_host = 1.0;
+    }
+  }
+  if (reduction != kNone) {
+    out0 = at::empty({}, opts);
+    out1 = empty_marker(sp);
+    partials = at::empty({std::max<int64_t>(p.s[0].nblocks + p.s[1].nblocks, 1)}, opts.dtype(at::kDouble));
+    p.partials = partials.mutable_data_ptr<double>();
+  }
+  finish_vec_flags(p);
+  launch(p, sp.scalar_type(), reduction != kNone ? &out0 : nullptr, stream);
+  return {out0, out1, grads[0], grads[1]};
+}
+
+std::tuple<Tensor, Tensor> forward_public(const Tensor& sp, const Tensor& st, const Tensor& tp, const Tensor& tt,
+                                          const Tensor& alpha, int64_t reduction) {
+  auto out = forward(sp, st, tp, tt, alpha, reduction, {false, false});
+  return {std::get<0>(out), std::get<1>(out)};
+}
+
+std::tuple<Tensor, Tensor> backward(const std::optional<Tensor>& g0, const std::optional<Tensor>& g1,
+                                    const Tensor& sp, const Tensor& st, const Tensor& tp, const Tensor& tt,
+                                    const Tensor& alpha, int64_t reduction, std::array<bool, 2> mask) {
+  check_mse_args(sp, st, tp, tt, alpha, reduction);
+  TORCH_CHECK(sp.is_cuda(), "fastadapt CUDA kernel called with ", sp.device(), " tensors");
+  c10::cuda::CUDAGuard device_guard(sp.device());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  Tensor alpha_keep;
+  MseArgs p;
+  p.alpha = make_alpha_arg(alpha, alpha_keep);
+  p.reduction = static_cast<int>(reduction);
+  const std::array<HostSide, 2> h = {make_side(sp, st), make_side(tp, tt)};
+  const auto opts = sp.options();
+  setup_sides(p, h, vec_elems(sp.scalar_type()));
+  const std::array<const std::optional<Tensor>*, 2> gout = {&g0, &g1};
+  std::array<Tensor, 2> grads, keep;
+  for (int k = 0; k < 2; ++k) {
+    const std::optional<Tensor>& go = reduction == kNone ? *gout[k] : g0;
+    const bool run = mask[k] && !host_weight_is_zero(p.alpha, k) && go.has_value() && go->defined();
+    if (!mask[k]) {
+      grads[k] = at::empty({0}, opts);
+    } else if (!run) {
+      grads[k] = at::zeros(h[k].sizes, opts);
+    }
+    if (!run) {
+      p.s[k].nblocks = 0;
+      continue;
+    }
+    grads[k] = at::empty(h[k].sizes, opts);
+    p.s[k].grad = grads[k].mutable_data_ptr();
+    const Tensor& g = *go;
+    const bool scalar_g = reduction != kNone ||
+                          (g.numel() > 0 && std::all_of(g.strides().begin(), g.strides().end(),
+                                                        [](int64_t s) { return s == 0; }));
+    if (reduction == kNone) {
+      TORCH_CHECK_VALUE(g.numel() == h[k].n, "grad_output for the ", k == 0 ? "source" : "target", " losses has ",
+                        g.numel(), " elements, expected ", h[k].n);
+    } else {
+      TORCH_CHECK_VALUE(g.numel() == 1, "grad_output of a reduced loss must have 1 element, got ", g.numel());
+    }
+    if (scalar_g) {
+      // one value (also an expanded grad_output, stride 0 everywhere: read it once, not n times)
+      if (g.is_cpu()) {
+        p.s[k].g_host = g.reshape({-1}).select(0, 0).item<double>();  // host memory: no device sync
+      } else {
+        keep[k] = g.as_strided({}, {}).to(at::kDouble).contiguous();
+        p.s[k].g_dev = keep[k].const_data_ptr<double>();
+      }
+    } else {
+      keep[k] = g.to(sp.device(), sp.scalar_type()).contiguous();
+      p.s[k].g_elem = keep[k].const_data_ptr();
+    }
+  }
+  // block ranges change when a side is dropped
+  p.s[0].block_begin = 0;
+  p.s[1].block_begin = p.s[0].nblocks;
+  finish_vec_flags(p);
+  launch(p, sp.scalar_type(), nullptr, stream);
+  return {grads[0], grads[1]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastadapt, CUDA, m) {
+  m.impl("alpha_weighted_mse", &forward_public);
+  m.impl("_alpha_weighted_mse_forward", &forward);
+  m.impl("_alpha_weighted_mse_backward", &backward);
+}
+
+}  // namespace fastadapt::cuda

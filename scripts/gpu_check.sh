@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# One-shot validation of the CUDA kernels on a GPU machine (no network), from the repository root:
+#
+#     OUT=/some/dir bash scripts/gpu_check.sh
+#
+# Stages (each under `timeout`; a failing stage is reported and the next one still runs):
+#   1. nvidia-smi          2. build in place for this GPU only       3. python3 -m fastadapt info
+#   4. scripts/cuda_smoke.py: parity of every op and dtype + CE bandwidth vs copy and eager
+#   5. CUDA tests (pytest -m cuda)    6. CUDA benchmarks (pytest-benchmark JSON)    7. benchmark table
+#   8. compute-sanitizer memcheck over tests/test_cuda_kernels.py, only if time is left
+# Everything lands in $OUT: one log per stage, bench_cuda.json, cuda_tests.xml and summary.txt.
+# Budget: about 8 minutes in all (GPU_CHECK_BUDGET seconds, default 470).
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+
+OUT=${OUT:-$PWD/gpu_check_out}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+BUDGET=${GPU_CHECK_BUDGET:-470}
+ARCH=${TORCH_CUDA_ARCH_LIST:-9.0}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONDONTWRITEBYTECODE=1
+T0=$SECONDS
+SUMMARY="$OUT/summary.txt"
+: > "$SUMMARY"
+
+left() { echo $((BUDGET - (SECONDS - T0))); }
+
+# stage NAME LIMIT_SECONDS COMMAND...: runs COMMAND (a bash string) with a time limit, tees its output
+# to $OUT/NAME.log, records the exit status; never aborts the script.
+stage() {
+  local name=$1 limit=$2
+  shift 2
+  local remaining
+  remaining=$(left)
+  if ((remaining < 10)); then
+    echo "=== [$name] skipped: out of time" | tee -a "$SUMMARY"
+    return 0
+  fi
+  ((limit > remaining)) && limit=$remaining
+  echo "=== [$name] $(date +%T) limit ${limit}s: $*"
+  local start=$SECONDS
+  timeout --kill-after=15 "$limit" bash -c "$*" 2>&1 | tee "$OUT/$name.log"
+  local rc=${PIPESTATUS[0]}
+  local status="ok"
+  ((rc == 124 || rc == 137)) && status="TIMEOUT"
+  ((rc != 0 && rc != 124 && rc != 137)) && status="FAILED"
+  echo "=== [$name] rc=$rc ($status) in $((SECONDS - start))s" | tee -a "$SUMMARY"
+  return 0
+}
+
+stage nvidia_smi 20 "nvidia-smi; nvcc --version || /usr/local/cuda/bin/nvcc --version; $PY -c 'import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name(0))'"
+
+# In-place build for this GPU only; the CPU sources compile in parallel with the .cu files.
+stage build 260 "TORCH_CUDA_ARCH_LIST='$ARCH' MAX_JOBS=\${MAX_JOBS:-16} FASTADAPT_CUDA=1 $PY setup.py -q build_ext --inplace"
+
+stage info 40 "$PY -m fastadapt info"
+
+stage smoke 90 "$PY scripts/cuda_smoke.py"
+
+stage cuda_tests 180 "$PY -m pytest -q -m cuda tests -p no:cacheprovider -rs --durations=15 --junitxml='$OUT/cuda_tests.xml'"
+
+stage cuda_bench 150 "$PY -m pytest -q benchmarks -k cuda -p no:cacheprovider --benchmark-only --benchmark-json='$OUT/bench_cuda.json'"
+
+stage bench_table 30 "$PY scripts/bench_table.py '$OUT/bench_cuda.json'"
+
+# Memory checking is slow (each kernel launch is instrumented), so it runs last, on the fast tests
+# only, and only with time to spare. The caching allocator hides out-of-bounds accesses inside its
+# blocks; PYTORCH_NO_CUDA_MEMORY_CACHING=1 makes every tensor its own allocation.
+SAN=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
+if [[ -n "$SAN" ]] && (($(left) > 60)); then
+  stage memcheck $(($(left) - 10)) "PYTORCH_NO_CUDA_MEMORY_CACHING=1 '$SAN' --tool memcheck --leak-check no --error-exitcode 9 \
+    $PY -m pytest -q -x -p no:cacheprovider tests/test_cuda_kernels.py \
+    -k 'not beyond_int32 and not deterministic and not no_host_sync'"
+else
+  echo "=== [memcheck] skipped (compute-sanitizer: '${SAN:-missing}', $(left)s left)" | tee -a "$SUMMARY"
+fi
+
+echo
+echo "=== summary ($((SECONDS - T0))s)"
+cat "$SUMMARY"
