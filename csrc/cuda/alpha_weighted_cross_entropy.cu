@@ -3,7 +3,7 @@
 //
 // Design for bytes: 2 reads + 1 write of the logits for forward + backward, nothing else of size N*C.
 //   forward:  one pass over each row (online softmax: running max and rescaled sum, plus sum(x) for
-//             label smoothing) -> per-row lse (acc dtype) and loss; reads N*C*sizeof(T), writes O(N).
+//             label smoothing) -> per-row lse (float64) and loss; reads N*C*sizeof(T), writes O(N).
 //   finalize: one block sums the per-row losses and counts non-ignored rows in a fixed order (no float
 //             atomics, so results are bitwise reproducible) and writes the weighted loss and counts.
 //   backward: re-reads each row once, writes grad = s*(exp(x - lse) - eps/C) - s*(1-eps)*onehot(y)
@@ -45,7 +45,7 @@ struct CeSideDev {
   const void* logits = nullptr;   // (rows, classes), class stride 1, row stride row_stride
   const int64_t* labels = nullptr;  // (rows,)
   int64_t rows = 0, classes = 0, row_stride = 0;
-  void* lse = nullptr;       // acc_t (rows,)
+  void* lse = nullptr;       // double (rows,): see csrc/cpu/loss_rows.h for why not acc_t
   void* out_none = nullptr;  // scalar_t (rows,): weighted per-row loss (reduction none) or null
   void* grad = nullptr;      // scalar_t (rows, classes) contiguous, or null (not computed)
   const void* g_rows = nullptr;  // scalar_t per-row grad_output (reduction none) or null
@@ -210,22 +210,25 @@ __global__ __launch_bounds__(BLOCK) void ce_forward_kernel(const CeArgs p) {
   group_reduce<A, G>(m, s, sx);
 
   if (!active || lane != 0) return;
-  A lse, loss;
+  double lse;
+  A loss;
   if (skip) {
-    lse = A(0);
+    lse = 0.0;
     loss = A(0);
   } else if (m == dinf<A>() || m == -dinf<A>() || sx != sx || y < 0 || y >= C) {
     // non-finite max, a NaN logit, or an out-of-range label: NaN as in ATen (label: see header)
-    lse = dnan<A>();
+    lse = static_cast<double>(dnan<A>());
     loss = dnan<A>();
   } else {
-    lse = m + dlog(s);
+    // lse in double and (m - x[y]) first: with logits near 1e4 a float lse is off by 5e-4
+    const A ls = dlog(s);
+    lse = static_cast<double>(m) + static_cast<double>(ls);
     const A eps = static_cast<A>(p.eps);
     const A xy = static_cast<A>(x[y]);
-    loss = lse - (A(1) - eps) * xy;
-    if (eps != A(0)) loss -= eps / A(C) * sx;
+    loss = (m - xy) + ls;
+    if (eps != A(0)) loss += eps * (xy - sx / A(C));
   }
-  static_cast<A*>(d.lse)[i] = lse;
+  static_cast<double*>(d.lse)[i] = lse;
   if (p.row_loss) static_cast<A*>(p.row_loss)[row] = loss;
   if (d.out_none) {
     // a zero-weight side is not evaluated: its outputs are 0 even where the loss would be NaN
@@ -255,7 +258,7 @@ __global__ __launch_bounds__(BLOCK) void ce_backward_kernel(const CeArgs p) {
 
   constexpr int kZero = 0, kNaN = 1, kGrad = 2;
   int mode = kGrad;
-  A lse = A(0), scale = A(0);
+  A lse_hi = A(0), lse_lo = A(0), scale = A(0);
   if (w == 0.0 || y == p.ignore) {
     mode = kZero;
   } else {
@@ -268,10 +271,13 @@ __global__ __launch_bounds__(BLOCK) void ce_backward_kernel(const CeArgs p) {
     const double sc = p.reduction == kNone ? gv * w
                                            : gv * (p.reduction == kMean ? w / static_cast<double>(p.counts[sd]) : w);
     scale = static_cast<A>(sc);
-    lse = static_cast<const A*>(d.lse)[i];
+    const double lse = static_cast<const double*>(d.lse)[i];
+    // x - lse as (x - hi) - lo: exact enough in fp32 even for logits near 1e4
+    lse_hi = static_cast<A>(lse);
+    lse_lo = static_cast<A>(lse - static_cast<double>(lse_hi));
     // lse is NaN for rows the forward found non-finite or mislabelled; labels are re-checked in
     // case they changed in place since the forward
-    if (!(lse > -dinf<A>() && lse < dinf<A>()) || y < 0 || y >= C) mode = kNaN;
+    if (!(lse > -1e308 && lse < 1e308) || y < 0 || y >= C) mode = kNaN;
   }
   const A eps = static_cast<A>(p.eps);
   const A off = scale * eps / A(C);
@@ -280,7 +286,7 @@ __global__ __launch_bounds__(BLOCK) void ce_backward_kernel(const CeArgs p) {
   auto elem = [&](A xv, int64_t c) -> A {
     if (mode == kZero) return A(0);
     if (mode == kNaN) return dnan<A>();
-    A e = dexp(xv - lse) * scale - off;
+    A e = dexp((xv - lse_hi) - lse_lo) * scale - off;
     if (c == y) e -= k1;
     return e;
   };
@@ -452,7 +458,8 @@ ForwardOut forward(const Tensor& sl, const Tensor& sy, const Tensor& tl, const T
   TORCH_CHECK(h[0].classes <= INT_MAX && h[1].classes <= INT_MAX, "too many classes");
   const auto opts = sl.options();
   const auto acc = acc_type_for(sl.scalar_type());
-  std::array<Tensor, 2> lse = {at::empty({h[0].rows}, opts.dtype(acc)), at::empty({h[1].rows}, opts.dtype(acc))};
+  std::array<Tensor, 2> lse = {at::empty({h[0].rows}, opts.dtype(at::kDouble)),
+                               at::empty({h[1].rows}, opts.dtype(at::kDouble))};
   Tensor counts = at::empty({2}, opts.dtype(at::kLong));
   Tensor out0, out1, row_loss;
   if (reduction == kNone) {
@@ -520,8 +527,7 @@ std::tuple<Tensor, Tensor> backward(const std::optional<Tensor>& g0, const std::
   const std::array<HostSide, 2> h = {make_side(sl, sy), make_side(tl, ty)};
   TORCH_CHECK(h[0].classes <= INT_MAX && h[1].classes <= INT_MAX, "too many classes");
   const auto opts = sl.options();
-  const auto acc = acc_type_for(sl.scalar_type());
-  TORCH_CHECK(lse_s.scalar_type() == acc && lse_t.scalar_type() == acc && lse_s.numel() == h[0].rows &&
+  TORCH_CHECK(lse_s.scalar_type() == at::kDouble && lse_t.scalar_type() == at::kDouble && lse_s.numel() == h[0].rows &&
                   lse_t.numel() == h[1].rows,
               "_alpha_weighted_cross_entropy_backward: lse tensors do not match the logits");
   TORCH_CHECK(counts.numel() == 2 && counts.scalar_type() == at::kLong,
