@@ -82,6 +82,8 @@ def read_weights(path) -> tuple[dict, dict | None]:
     """(state_dict, model config or None) from ``.safetensors`` or a ``.pt``/``.pth`` state dict.
     ``.pt`` files load with ``weights_only=True``: a pickle that would run code is refused."""
     path = os.fspath(path)
+    if not path.endswith((".safetensors", ".pt", ".pth")):
+        raise ValueError(f"weights path must end in .safetensors, .pt or .pth, got {path!r}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"weights file not found: {path!r}")
     if path.endswith(".safetensors"):
@@ -95,17 +97,15 @@ def read_weights(path) -> tuple[dict, dict | None]:
             raise ValueError(f"cannot read {path!r} as safetensors: {exc}") from None
         config = json.loads(meta[_CONFIG_KEY]) if _CONFIG_KEY in meta else None
         return state, config
-    if path.endswith((".pt", ".pth")):
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise ValueError(f"cannot load {path!r} with weights_only=True: {exc}") from None
-        if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-            obj = obj["state_dict"]
-        if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-            raise ValueError(f"{path!r} does not hold a state dict of tensors")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"cannot load {path!r} with weights_only=True: {exc}") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{path!r} does not hold a state dict of tensors")
         return obj, None
-    raise ValueError(f"weights path must end in .safetensors, .pt or .pth, got {path!r}")
 
 
 def save_checkpoint(folder, module, state: dict) -> None:
@@ -114,42 +114,71 @@ def save_checkpoint(folder, module, state: dict) -> None:
 
     folder = os.fspath(folder)
     os.makedirs(folder, exist_ok=True)
+    _roll_forward(folder)
     for stale in glob.glob(os.path.join(folder, ".pending-*.safetensors")):
-        os.unlink(stale)  # left by a save that died before its commit point
+        os.unlink(stale)  # left by saves that died before their commit point
     ckpt_id = uuid.uuid4().hex
     pending = os.path.join(folder, f".pending-{ckpt_id}.safetensors")
     payload, meta = _weights_payload(module), _metadata(module, {_ID_KEY: ckpt_id})
     try:
         save_file(payload, pending, metadata=meta)
         _fsync_file(pending)
-        atomic_write(os.path.join(folder, STATE), lambda tmp: torch.save({**state, "checkpoint_id": ckpt_id}, tmp))
     except BaseException:
         if os.path.exists(pending):
+            os.unlink(pending)
+        raise
+    # The commit point. If this raises after its rename, the pending weights are what the new state
+    # names, so they are left for _roll_forward; if before, the next save removes them.
+    try:
+        atomic_write(os.path.join(folder, STATE), lambda tmp: torch.save({**state, "checkpoint_id": ckpt_id}, tmp))
+    except BaseException:
+        if not _committed(folder, ckpt_id) and os.path.exists(pending):
             os.unlink(pending)
         raise
     os.replace(pending, os.path.join(folder, WEIGHTS))
     _fsync_dir(folder)
 
 
-def load_checkpoint(folder) -> tuple[dict, dict]:
-    """(weights state_dict, trainer state) from a checkpoint folder written by :func:`save_checkpoint`."""
-    folder = os.fspath(folder)
+def _committed(folder, ckpt_id) -> bool:
+    try:
+        return _read_state(folder).get("checkpoint_id") == ckpt_id
+    except Exception:
+        return False
+
+
+def _read_state(folder):
     state_path = os.path.join(folder, STATE)
     if not os.path.isfile(state_path):
         raise FileNotFoundError(f"no checkpoint in {folder!r} (missing {STATE})")
     try:
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        return torch.load(state_path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise ValueError(f"cannot load {state_path!r} with weights_only=True: {exc}") from None
+
+
+def _roll_forward(folder, state=None):
+    """Finishes a save that died between its commit point and moving its weights into place."""
+    if state is None:
+        if not os.path.isfile(os.path.join(folder, STATE)):
+            return
+        state = _read_state(folder)
     ckpt_id = state.get("checkpoint_id")
     weights_path = os.path.join(folder, WEIGHTS)
-    if _weights_id(weights_path) != ckpt_id:
-        pending = os.path.join(folder, f".pending-{ckpt_id}.safetensors")
-        if not os.path.isfile(pending):
-            raise ValueError(f"checkpoint {folder!r} is inconsistent: {WEIGHTS} does not belong to {STATE}")
-        os.replace(pending, weights_path)  # finish the save that died after its commit point
-        _fsync_dir(folder)
-    weights, _ = read_weights(weights_path)
+    if _weights_id(weights_path) == ckpt_id:
+        return
+    pending = os.path.join(folder, f".pending-{ckpt_id}.safetensors")
+    if not os.path.isfile(pending):
+        raise ValueError(f"checkpoint {folder!r} is inconsistent: {WEIGHTS} does not belong to {STATE}")
+    os.replace(pending, weights_path)
+    _fsync_dir(folder)
+
+
+def load_checkpoint(folder) -> tuple[dict, dict]:
+    """(weights state_dict, trainer state) from a checkpoint folder written by :func:`save_checkpoint`."""
+    folder = os.fspath(folder)
+    state = _read_state(folder)
+    _roll_forward(folder, state)
+    weights, _ = read_weights(os.path.join(folder, WEIGHTS))
     return weights, state
 
 

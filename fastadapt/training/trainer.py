@@ -138,6 +138,7 @@ class TransferTrainer:
         self.stop_training = False
         self._net = self.model  # the DDP wrapper under torchrun
         self._pending_state = None
+        self._epoch_rng = None
 
     # ---- public API ------------------------------------------------------------------------------
 
@@ -244,6 +245,7 @@ class TransferTrainer:
         factor = WarmupCosine(self.warmup_steps, steps_per_epoch * epochs, self.scheduler_spec == "cosine")
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
         self.history, self.epoch, self.global_step, self.stop_training = History(), 0, 0, False
+        self._epoch_rng = None
         if self._pending_state is not None:
             self._restore(self._pending_state)
 
@@ -263,6 +265,9 @@ class TransferTrainer:
             logs["lr"] = self.optimizer.param_groups[0]["lr"]
             self.history.append(epoch, logs)
             self.epoch = epoch + 1
+            # Checkpoints carry the RNG as it was here, at the epoch boundary: anything drawn later
+            # (a final evaluation creating DataLoader iterators, say) must not leak into a resume.
+            self._epoch_rng = rng_state()
             bar.update(1)
             bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if "acc" in k or k == "loss"})
             for cb in self.callbacks:
@@ -363,12 +368,14 @@ class TransferTrainer:
             raise RuntimeError("save_checkpoint needs a trainer that has started fit (no optimizer yet)")
         return {"epoch": self.epoch, "global_step": self.global_step,
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "rng": rng_state(), "history": self.history.to_dict(),
+                "rng": self._epoch_rng if self._epoch_rng is not None else rng_state(), "history": self.history.to_dict(),
                 "callbacks": [cb.state_dict() for cb in self.callbacks], "extra": self._extra_state()}
 
     def _restore(self, state):
         self.optimizer.load_state_dict(state["optimizer"])
+        total = self.scheduler.lr_lambdas[0].total
         self.scheduler.load_state_dict(state["scheduler"])
+        self.scheduler.lr_lambdas[0].total = total  # the schedule spans this fit call's epochs
         self.epoch, self.global_step = int(state["epoch"]), int(state["global_step"])
         self.history = History()
         self.history.load_dict(state["history"])
