@@ -105,7 +105,7 @@ def read_weights(path) -> tuple[dict, dict | None]:
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(f"{path!r} does not hold a state dict of tensors")
-        return obj, None
+    return obj, None
 
 
 def save_checkpoint(folder, module, state: dict) -> None:
