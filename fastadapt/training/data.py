@@ -129,14 +129,12 @@ def _read_npz(path, arg):
         raise FileNotFoundError(f"{arg}: file not found: {path!r}")
     try:
         with np.load(path, allow_pickle=False) as f:
-            missing = [k for k in ("X", "y") if k not in f.files]
-            if missing:
-                raise ValueError(f"{arg}: {path!r} has arrays {sorted(f.files)} but needs 'X' and 'y'")
-            return f["X"], f["y"]
-    except ValueError:
-        raise
+            arrays = {k: f[k] for k in f.files}
     except Exception as exc:  # not a zip, truncated, pickled object arrays ...
         raise ValueError(f"{arg}: cannot read {path!r} as .npz: {exc}") from None
+    if "X" not in arrays or "y" not in arrays:
+        raise ValueError(f"{arg}: {path!r} has arrays {sorted(arrays)} but needs 'X' and 'y'")
+    return arrays["X"], arrays["y"]
 
 
 def _read_csv(path, arg, label_column):

@@ -215,7 +215,8 @@ def write_plot(folder, rows) -> str:
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     ax_s.set_ylabel("accuracy")
     fig.tight_layout()
     path = os.path.join(folder, "accuracy.png")
