@@ -159,6 +159,11 @@ def test_unknown_dataset_name(tmp_path, capsys):
          "--target: bad class range '9-5'")
 
 
+def test_bad_device(tmp_path, capsys):
+    _bad(tmp_path, capsys, ["adapt", "--source", "digits:0-1", "--target", "digits:2-3", "--device", "gpu0"],
+         "device must be a torch device such as 'cpu' or 'cuda:0', got 'gpu0'")
+
+
 def test_alpha_outside_range(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["adapt", "--source", "digits:0-4", "--target", "digits:5-9", "--alpha", "0.5,1.2"])
@@ -196,7 +201,11 @@ def test_bad_inputs_through_the_api():
 
 @pytest.mark.slow
 def test_demo_meets_the_quality_targets(tmp_path, capsys):
-    rc, out, err = _run(["demo", "-o", str(tmp_path / "demo")], capsys)
+    threads = torch.get_num_threads()
+    try:
+        rc, out, err = _run(["demo", "-o", str(tmp_path / "demo")], capsys)
+    finally:
+        torch.set_num_threads(threads)  # the demo sets 1
     assert rc == 0, err
     assert "scratch" in out and "alpha=0.5+replay100" in out and "joint (all source)" in out
     report = json.loads((tmp_path / "demo" / "report.json").read_text())

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import fastadapt
 from fastadapt.training import data as D
 from fastadapt.training.surgery import get_head
-from fastadapt.training.trainer import TransferTrainer
+from fastadapt.training.trainer import TransferTrainer, _positive_int
 
 
 def replay_indices(labels: torch.Tensor, size: int, seed: int) -> torch.Tensor:
@@ -67,8 +67,6 @@ class AdaptiveTrainer(TransferTrainer):
     def fit(self, target_data, source_data, val_data=None, *, epochs, resume_from=None):
         """``val_data={"source": ..., "target": ...}``; both are evaluated every epoch (without it,
         the training sets are). History gets source_acc_before/after, forgetting, bwt, target_acc."""
-        from fastadapt.training.trainer import _positive_int
-
         _positive_int("epochs", epochs)
         target_ds = D.as_dataset(target_data, "target_data")
         source_ds = D.as_dataset(source_data, "source_data")

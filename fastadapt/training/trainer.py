@@ -79,13 +79,27 @@ def _positive_int(name, v):
         raise ValueError(f"{name} must be a positive int, got {v!r}")
 
 
+def _device(device) -> torch.device:
+    if device is None:
+        return dist.default_device()
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda:0', got {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} but CUDA is not available")
+    return dev
+
+
 class TransferTrainer:
     """Trains ``model`` with cross-entropy. Data may be DataLoaders, Datasets or (X, y) pairs.
 
     ``freeze_backbone`` trains the head only; ``head_lr_mult`` scales the head's learning rate.
     ``scheduler`` is None (constant) or "cosine", both after ``warmup_steps`` of linear warmup (steps
     are optimizer steps). ``precision="bf16"`` runs forward passes under bf16 autocast. ``optimizer``
-    is "adamw", "adam", "sgd" or a callable mapping parameter groups to an optimizer. Under torchrun
+    is "adamw", "adam", "sgd" or a callable mapping parameter groups to an optimizer. ``seed`` seeds
+    Python, NumPy and torch when ``fit`` starts (not on resume, which restores the saved RNG states);
+    the model's own initialisation is up to the caller. Under torchrun
     the model is wrapped in DistributedDataParallel and files are written by rank 0 only.
     """
 
@@ -120,7 +134,7 @@ class TransferTrainer:
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise ValueError(f"seed must be an int or None, got {seed!r}")
 
-        self.device = torch.device(device) if device is not None else dist.default_device()
+        self.device = _device(device)
         self.model = model.to(self.device)
         self.lr, self.optimizer_spec, self.weight_decay = float(lr), optimizer, float(weight_decay)
         self.head_lr_mult, self.scheduler_spec, self.warmup_steps = float(head_lr_mult), scheduler, warmup_steps

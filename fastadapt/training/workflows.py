@@ -15,7 +15,8 @@ from fastadapt.training import data as D
 from fastadapt.training.adaptive import AdaptiveTrainer
 from fastadapt.training.callbacks import ModelCheckpoint
 from fastadapt.training.models import MLP
-from fastadapt.training.surgery import extend_head, get_head, load_pretrained, replace_head
+from fastadapt.training import distributed as dist
+from fastadapt.training.surgery import extend_head, load_pretrained, replace_head
 from fastadapt.training.trainer import TransferTrainer, seed_everything
 
 
@@ -101,7 +102,9 @@ def pretrain(task: Task, cfg: RunConfig) -> tuple[str, dict]:
     trainer = TransferTrainer(model, **_trainer_kwargs(cfg, run_dir))
     hist = trainer.fit(task.source_train, task.source_test, epochs=cfg.pretrain_epochs,
                        resume_from=_resume_path(cfg, run_dir))
-    ckpt.save_weights(model, path)
+    if dist.is_main():
+        ckpt.save_weights(model, path)
+    dist.barrier()  # the other ranks read it next
     return path, {"method": "pretrain", "source_acc": hist.target_acc, "seconds": hist.seconds,
                   "history": hist.history}
 
@@ -192,7 +195,8 @@ def format_table(rows) -> str:
 
 def write_report(folder, report: dict) -> str:
     path = os.path.join(folder, "report.json")
-    ckpt.atomic_write_text(path, json.dumps(report, indent=2, default=float))
+    if dist.is_main():
+        ckpt.atomic_write_text(path, json.dumps(report, indent=2, default=float))
     return path
 
 
@@ -220,6 +224,7 @@ def write_plot(folder, rows) -> str:
     ax_s.set_ylabel("accuracy")
     fig.tight_layout()
     path = os.path.join(folder, "accuracy.png")
-    ckpt.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    if dist.is_main():
+        ckpt.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
     return path
