@@ -241,3 +241,27 @@ def test_public_names_exported():
     for name in ("TransferTrainer", "AdaptiveTrainer", "History", "EarlyStopping", "ModelCheckpoint",
                  "freeze", "unfreeze", "replace_head", "extend_head", "load_pretrained"):
         assert hasattr(fastadapt, name) and name in fastadapt.__all__
+
+
+class _ListDataset(torch.utils.data.Dataset):
+    """A map-style dataset whose labels cannot be read without indexing it."""
+
+    def __init__(self, X, y):
+        self.X, self.y = X, y
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.X[i], int(self.y[i])
+
+
+def test_labels_of_a_generic_dataset_are_checked_per_batch():
+    X, y = blobs(40)
+    y[25] = 9
+    tr = _trainer(MLP(8, (16,), 3))
+    with pytest.raises(ValueError, match=r"train_data has label 9, outside the model head's range \[0, 2\]"):
+        tr.fit(_ListDataset(X, y), epochs=1)
+    y[25] = 1
+    hist = tr.fit(_ListDataset(X, y), _ListDataset(X, y), epochs=1)
+    assert hist.target_acc == pytest.approx(tr.evaluate((X, y))["acc"])

@@ -80,6 +80,7 @@ class AdaptiveTrainer(TransferTrainer):
         self._check_features(source_ds, "source_data")
         for name, ds in (("target_data", target_ds), ("source_data", source_ds)):
             D.check_labels(D.labels_of(ds), num_classes, name)
+        self._check_batches = D.labels_of(target_ds) is None or D.labels_of(source_ds) is None
         for side, (ds, _) in val.items():
             self._check_features(ds, f"val_data[{side!r}]")
             D.check_labels(D.labels_of(ds), num_classes, f"val_data[{side!r}]")
@@ -148,9 +149,10 @@ class AdaptiveTrainer(TransferTrainer):
         (xs, ys), (xt, yt) = batch
         xs, ys = xs.to(self.device), ys.to(self.device).long()
         xt, yt = xt.to(self.device), yt.to(self.device).long()
-        num_classes = get_head(self.model)[1].out_features
-        D.check_labels(ys, num_classes, "source_data")
-        D.check_labels(yt, num_classes, "target_data")
+        if self._check_batches:
+            num_classes = get_head(self.model)[1].out_features
+            D.check_labels(ys, num_classes, "source_data")
+            D.check_labels(yt, num_classes, "target_data")
         # one forward over both batches: one DDP gradient sync and one pass through the layers
         logits = self._net(torch.cat([xs, xt]))
         ls, lt = logits[: len(ys)].float(), logits[len(ys):].float()

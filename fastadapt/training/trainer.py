@@ -153,6 +153,7 @@ class TransferTrainer:
         self._net = self.model  # the DDP wrapper under torchrun
         self._pending_state = None
         self._epoch_rng = None
+        self._check_batches = True
 
     # ---- public API ------------------------------------------------------------------------------
 
@@ -168,6 +169,8 @@ class TransferTrainer:
         num_classes = get_head(self.model)[1].out_features
         self._check_features(train_ds, "train_data")
         D.check_labels(D.labels_of(train_ds), num_classes, "train_data")
+        # labels that could not be read up front are checked per batch (a device sync each step)
+        self._check_batches = D.labels_of(train_ds) is None
         if val_ds is not None:
             self._check_features(val_ds, "val_data")
             D.check_labels(D.labels_of(val_ds), num_classes, "val_data")
@@ -184,8 +187,8 @@ class TransferTrainer:
             return {f"val_{k}": v for k, v in self.evaluate(val_data if isinstance(val_data, DataLoader) else val_ds).items()}
 
         self._loop(epochs, run_epoch, validate)
-        if "val_acc" in self.history.history:
-            self.history.target_acc = self.history["val_acc"][-1]
+        if val_ds is not None:  # of the returned model, which EarlyStopping may have rolled back
+            self.history.target_acc = validate()["val_acc"]
         return self.history
 
     @torch.no_grad()
@@ -198,9 +201,13 @@ class TransferTrainer:
         self.model.eval()
         sums = torch.zeros(3, dtype=torch.float64, device=self.device)
         num_classes = get_head(self.model)[1].out_features
+        per_batch = D.labels_of(ds) is None
+        if not per_batch:
+            D.check_labels(D.labels_of(ds), num_classes, "data")
         for x, y in loader:
             x, y = x.to(self.device), y.to(self.device).long()
-            D.check_labels(y, num_classes, "data")
+            if per_batch:
+                D.check_labels(y, num_classes, "data")
             with self._autocast():
                 logits = self.model(x)
             sums[0] += F.cross_entropy(logits.float(), y, reduction="sum").double()
@@ -324,7 +331,8 @@ class TransferTrainer:
         """(loss, per-batch metric sums) for one batch; subclasses change the objective."""
         x, y = batch
         x, y = x.to(self.device), y.to(self.device).long()
-        D.check_labels(y, get_head(self.model)[1].out_features, "train_data")
+        if self._check_batches:
+            D.check_labels(y, get_head(self.model)[1].out_features, "train_data")
         logits = self._net(x)
         loss = F.cross_entropy(logits.float(), y)
         with torch.no_grad():
