@@ -167,6 +167,3 @@ class AdaptiveTrainer(TransferTrainer):
     def _logs(self, sums) -> dict:
         loss, ct, nt, cs, ns = sums
         return {"loss": loss / nt, "acc": ct / nt, "source_acc": cs / ns}
-
-    def _extra_state(self) -> dict:
-        return {"source_acc_before": self.history.source_acc_before}

@@ -391,7 +391,7 @@ class TransferTrainer:
         return {"epoch": self.epoch, "global_step": self.global_step,
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "rng": self._epoch_rng if self._epoch_rng is not None else rng_state(), "history": self.history.to_dict(),
-                "callbacks": [cb.state_dict() for cb in self.callbacks], "extra": self._extra_state()}
+                "callbacks": [cb.state_dict() for cb in self.callbacks]}
 
     def _restore(self, state):
         self.optimizer.load_state_dict(state["optimizer"])
@@ -404,12 +404,5 @@ class TransferTrainer:
         if len(state["callbacks"]) == len(self.callbacks):
             for cb, s in zip(self.callbacks, state["callbacks"]):
                 cb.load_state_dict(s)
-        self._load_extra_state(state.get("extra", {}))
         set_rng_state(state["rng"])
         self._pending_state = None
-
-    def _extra_state(self) -> dict:
-        return {}
-
-    def _load_extra_state(self, state: dict):
-        pass
