@@ -265,3 +265,15 @@ def test_labels_of_a_generic_dataset_are_checked_per_batch():
     y[25] = 1
     hist = tr.fit(_ListDataset(X, y), _ListDataset(X, y), epochs=1)
     assert hist.target_acc == pytest.approx(tr.evaluate((X, y))["acc"])
+
+
+def test_model_checkpoint_every_n_epochs_and_at_the_end(tmp_path, monkeypatch):
+    X, y = blobs(32)
+    saved = []
+    tr = _trainer(MLP(8, (16,), 3), callbacks=[ModelCheckpoint(tmp_path, every_n_epochs=3)])
+    real = tr.save_checkpoint
+    monkeypatch.setattr(tr, "save_checkpoint", lambda p: (saved.append(tr.epoch), real(p)))
+    tr.fit((X, y), epochs=7)
+    assert saved == [3, 6, 7]
+    with pytest.raises(ValueError, match="every_n_epochs must be a positive int, got 0"):
+        ModelCheckpoint(tmp_path, every_n_epochs=0)

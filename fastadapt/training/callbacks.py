@@ -91,23 +91,37 @@ class EarlyStopping(Callback):
 
 
 class ModelCheckpoint(Callback):
-    """Saves a trainer checkpoint to ``dirpath/last`` every epoch, or only to ``dirpath/best`` when
-    ``save_best_only`` and ``monitor`` improved. Checkpoints load with ``trainer.load_checkpoint``."""
+    """Saves a trainer checkpoint to ``dirpath/last`` every ``every_n_epochs`` epochs and when fit
+    ends, or only to ``dirpath/best`` when ``save_best_only`` and ``monitor`` improved. Checkpoints
+    load with ``trainer.load_checkpoint`` or ``fit(..., resume_from=...)``."""
 
-    def __init__(self, dirpath, monitor="val_loss", mode="auto", save_best_only=False):
+    def __init__(self, dirpath, monitor="val_loss", mode="auto", save_best_only=False, every_n_epochs=1):
+        if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int) or every_n_epochs < 1:
+            raise ValueError(f"every_n_epochs must be a positive int, got {every_n_epochs!r}")
         self.dirpath, self.monitor, self.save_best_only = os.fspath(dirpath), monitor, save_best_only
+        self.every_n_epochs = every_n_epochs
         self.tracker = _Tracker(monitor, mode)
         self.best_path = None
+        self._saved_at = None
+
+    def _save_last(self, trainer):
+        trainer.save_checkpoint(os.path.join(self.dirpath, "last"))
+        self._saved_at = trainer.epoch
 
     def on_epoch_end(self, trainer, epoch, logs):
         if not self.save_best_only:
-            trainer.save_checkpoint(os.path.join(self.dirpath, "last"))
+            if (epoch + 1) % self.every_n_epochs == 0:
+                self._save_last(trainer)
             return
         value = _monitored(logs, self.monitor, "ModelCheckpoint")
         if self.tracker.improved(value):
             self.tracker.best = value
             self.best_path = os.path.join(self.dirpath, "best")
             trainer.save_checkpoint(self.best_path)
+
+    def on_fit_end(self, trainer):
+        if not self.save_best_only and self._saved_at != trainer.epoch and trainer.optimizer is not None:
+            self._save_last(trainer)
 
     def state_dict(self):
         return {"best": self.tracker.best}
