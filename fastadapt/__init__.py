@@ -3,6 +3,8 @@ from fastadapt._extension import build_info, empty_cache, has_cuda_ops, has_ops
 from fastadapt import _fake  # noqa: F401  (fake kernels, so torch.compile traces the compiled ops)
 from fastadapt.losses import AlphaWeightedLoss, alpha_weighted_cross_entropy, alpha_weighted_mse
 from fastadapt.linear_relu import FusedLinearReLU, linear_relu
+from fastadapt.training import (MLP, AdaptiveTrainer, Callback, EarlyStopping, History, ModelCheckpoint, TransferTrainer,
+                                extend_head, freeze, load_pretrained, replace_head, unfreeze)
 
 __all__ = [
     "AlphaWeightedLoss",
@@ -14,4 +16,6 @@ __all__ = [
     "has_ops",
     "FusedLinearReLU",
     "linear_relu",
+    "MLP", "AdaptiveTrainer", "Callback", "EarlyStopping", "History", "ModelCheckpoint", "TransferTrainer",
+    "extend_head", "freeze", "load_pretrained", "replace_head", "unfreeze",
 ]

@@ -1,8 +1,16 @@
-"""Command-line interface: ``python -m fastadapt <command>``."""
+"""Command-line interface: ``python -m fastadapt <command>`` (also the ``fastadapt`` console script).
+
+  demo      pretrain on digits 0-4, transfer and adapt to 5-9, print a table, write report + plot
+  transfer  the transfer workflow on your data (frozen / finetune / scratch)
+  adapt     the adaptive workflow on your data (alpha-weighted loss, replay memory)
+  info      build information
+  bench     quick benchmark of the fused kernels against eager PyTorch
+"""
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -13,12 +21,218 @@ def _cmd_info(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="fastadapt", description=__doc__)
+def _cmd_bench(args) -> int:
+    from fastadapt.bench_cli import run
+
+    run(device=args.device, min_run_time=args.min_run_time)
+    return 0
+
+
+def _set_threads(args, default=None):
+    import torch
+
+    n = args.threads if args.threads is not None else default
+    if n is not None:
+        torch.set_num_threads(n)
+
+
+def _cmd_demo(args) -> int:
+    from fastadapt import demo
+
+    # These MLPs are too small for intra-op threads to pay for their synchronisation.
+    _set_threads(args, default=1)
+    if args.seeds:
+        demo.run_seeds(args.output, args.seeds, quiet=args.quiet, device=args.device)
+    else:
+        demo.run(args.output, seed=args.seed, quiet=args.quiet, device=args.device, resume=args.resume)
+    return 0
+
+
+def _config(args):
+    from fastadapt.training.workflows import RunConfig
+
+    return RunConfig(output=args.output, hidden=tuple(args.hidden), pretrain_epochs=args.pretrain_epochs or args.epochs,
+                     epochs=args.epochs, transfer_epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                     seed=args.seed, device=args.device, quiet=args.quiet, resume=args.resume)
+
+
+def _cmd_transfer(args) -> int:
+    from fastadapt.training import workflows as W
+
+    _set_threads(args)
+    cfg = _config(args)
+    task = W.prepare(args.source, args.target, cfg, label_column=args.label_column)
+    path, pre = W.pretrain(task, cfg)
+    rows = [W.transfer(task, path, m, cfg, shots=args.shots) for m in args.methods]
+    _finish(args, cfg, {"pretrain": pre, "transfer": rows, "classes": _classes(task)}, rows)
+    return 0
+
+
+def _cmd_adapt(args) -> int:
+    from fastadapt.training import workflows as W
+
+    _set_threads(args)
+    cfg = _config(args)
+    task = W.prepare(args.source, args.target, cfg, label_column=args.label_column)
+    path, pre = W.pretrain(task, cfg)
+    memory = args.memory_size or None
+    rows = [W.adapt(task, path, a, memory, cfg) for a in args.alpha]
+    if args.joint:
+        rows.append(W.adapt(task, path, 0.5, None, cfg, name="joint (all source)"))
+    _finish(args, cfg, {"pretrain": pre, "adapt": rows, "classes": _classes(task)}, rows)
+    return 0
+
+
+def _classes(task):
+    return {"source": task.source_classes, "target": task.target_classes}
+
+
+def _finish(args, cfg, report, rows):
+    from fastadapt.training import workflows as W
+
+    report = {"command": " ".join(["fastadapt", args.command] + args.argv), **report,
+              "config": {k: v for k, v in vars(cfg).items() if k != "output"}}
+    if not args.quiet:
+        print(W.format_table(rows))
+    rp = W.write_report(cfg.output, report)
+    pp = W.write_plot(cfg.output, rows)
+    if not args.quiet:
+        print(f"report: {rp}\nplot:   {pp}\ncheckpoints: {os.path.join(cfg.output, 'runs')}")
+
+
+# ---- argument parsing (each type names the flag and the bad value) --------------------------------
+
+def _positive_int(text):
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
+
+
+def _non_negative_int(text):
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return v
+
+
+def _positive_float(text):
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not v > 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return v
+
+
+def _alphas(text):
+    out = []
+    for part in text.split(","):
+        try:
+            a = float(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"alpha must be a number in [0, 1], got {part!r}") from None
+        if not 0.0 <= a <= 1.0:
+            raise argparse.ArgumentTypeError(f"alpha must lie in [0, 1], got {part!r}")
+        out.append(a)
+    return out
+
+
+def _int_list(text):
+    try:
+        vals = [int(p) for p in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not vals or any(v < 1 for v in vals):
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    return vals
+
+
+def _seed_list(text):
+    try:
+        return [int(p) for p in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integer seeds, got {text!r}") from None
+
+
+def _methods(text):
+    vals = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in vals if m not in ("frozen", "finetune", "scratch")]
+    if bad or not vals:
+        raise argparse.ArgumentTypeError(f"methods must be from frozen,finetune,scratch; got {text!r}")
+    return vals
+
+
+def _common(p, output, epochs):
+    p.add_argument("--output", "-o", default=output, help=f"output folder (default {output})")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch intra-op threads")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --output")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars, no table")
+    if epochs is not None:
+        p.add_argument("--source", required=True, help="file.npz (X, y), file.csv (label column) or digits:0-4")
+        p.add_argument("--target", required=True, help="as --source")
+        p.add_argument("--label-column", default="label", help="label column of .csv files")
+        p.add_argument("--epochs", type=_positive_int, default=epochs)
+        p.add_argument("--pretrain-epochs", type=_positive_int, default=None, help="default: --epochs")
+        p.add_argument("--batch-size", type=_positive_int, default=32)
+        p.add_argument("--lr", type=_positive_float, default=1e-3)
+        p.add_argument("--hidden", type=_int_list, default=[128, 128], help="hidden sizes, e.g. 128,128")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastadapt", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="print what was built and whether it loaded").set_defaults(fn=_cmd_info)
+
+    p = sub.add_parser("bench", help="quick kernel benchmark against eager PyTorch (< 1 min)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--min-run-time", type=_positive_float, default=0.3, help="seconds per measurement")
+    p.set_defaults(fn=_cmd_bench)
+
+    p = sub.add_parser("demo", help="digits 0-4 -> 5-9: transfer and adaptive learning, honest table")
+    _common(p, os.path.join("fastadapt_out", "demo"), None)
+    p.add_argument("--seeds", type=_seed_list, default=None,
+                   help="run once per seed (e.g. 0,1,2,3,4) and print mean ± std")
+    p.set_defaults(fn=_cmd_demo)
+
+    p = sub.add_parser("transfer", help="pretrain on --source, transfer to --target")
+    _common(p, os.path.join("fastadapt_out", "transfer"), 30)
+    p.add_argument("--methods", type=_methods, default=["frozen", "finetune", "scratch"])
+    p.add_argument("--shots", type=_positive_int, default=None, help="labels per target class (default: all)")
+    p.set_defaults(fn=_cmd_transfer)
+
+    p = sub.add_parser("adapt", help="pretrain on --source, adapt to --target while keeping the source task")
+    _common(p, os.path.join("fastadapt_out", "adapt"), 20)
+    p.add_argument("--alpha", type=_alphas, default=[0.5], help="one or more, e.g. 1,0.75,0.5 (default 0.5)")
+    p.add_argument("--memory-size", type=_non_negative_int, default=100,
+                   help="replay memory of class-balanced source samples; 0 = all source data (default 100)")
+    p.add_argument("--joint", action="store_true", help="also train jointly on all source data (upper bound)")
+    p.set_defaults(fn=_cmd_adapt)
+    return parser
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
     args = parser.parse_args(argv)
-    return args.fn(args)
+    args.argv = argv[1:]
+    try:
+        return args.fn(args)
+    except (ValueError, TypeError, FileNotFoundError, KeyError) as exc:
+        # Bad input is reported as one line naming the argument; a traceback would bury it.
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"fastadapt {args.command}: error: {msg}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

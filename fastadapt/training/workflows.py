@@ -1,0 +1,231 @@
+"""The end-to-end jobs behind ``fastadapt demo|transfer|adapt``: pretrain on a source task, save and
+reload it, then transfer or adapt to a target task, and report per-method accuracies."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+
+import numpy as np
+import torch
+
+from fastadapt.training import checkpoint as ckpt
+from fastadapt.training import data as D
+from fastadapt.training.adaptive import AdaptiveTrainer
+from fastadapt.training.callbacks import ModelCheckpoint
+from fastadapt.training.models import MLP
+from fastadapt.training import distributed as dist
+from fastadapt.training.surgery import extend_head, load_pretrained, replace_head
+from fastadapt.training.trainer import TransferTrainer, seed_everything
+
+
+@dataclasses.dataclass
+class RunConfig:
+    output: str
+    hidden: tuple = (128, 128)
+    pretrain_epochs: int = 20
+    epochs: int = 20
+    transfer_epochs: int = 60
+    batch_size: int = 32
+    lr: float = 1e-3
+    seed: int = 0
+    device: str | None = None
+    quiet: bool = False
+    resume: bool = False
+    holdout: float = 0.25
+
+
+@dataclasses.dataclass
+class Task:
+    """Standardised train/held-out tensors of the source and target tasks, labels already encoded."""
+    source_train: tuple
+    source_test: tuple
+    target_train: tuple
+    target_test: tuple
+    source_classes: list
+    target_classes: list
+
+
+def prepare(source_spec: str, target_spec: str, cfg: RunConfig, label_column="label") -> Task:
+    """Loads both datasets, splits each, standardises with statistics of the source training split.
+
+    Source classes become 0..S-1; target classes not in the source take the next indices (class-
+    incremental), so one head of S+T' outputs serves both tasks."""
+    Xs, ys = D.load_dataset(source_spec, arg="--source", label_column=label_column)
+    Xt, yt = D.load_dataset(target_spec, arg="--target", label_column=label_column)
+    if Xs.shape[1] != Xt.shape[1]:
+        raise ValueError(f"--source {source_spec!r} has {Xs.shape[1]} features but --target "
+                         f"{target_spec!r} has {Xt.shape[1]}")
+    s_classes = sorted(int(c) for c in np.unique(ys))
+    t_classes = sorted(int(c) for c in np.unique(yt))
+    code = {c: i for i, c in enumerate(s_classes)}
+    for c in t_classes:
+        code.setdefault(c, len(code))
+    ys, yt = np.vectorize(code.get)(ys), np.vectorize(code.get)(yt)
+    parts = []
+    for name, X, y in (("--source", Xs, ys), ("--target", Xt, yt)):
+        counts = np.bincount(y)
+        if len(y) < 4 or counts[counts > 0].min() < 2:
+            raise ValueError(f"{name} needs at least 2 samples of every class to split off a held-out set "
+                             f"(class counts: {dict(zip(*np.unique(y, return_counts=True)))})")
+        parts.append(D.split(X, y, cfg.holdout, cfg.seed))
+    (s_tr, s_te), (t_tr, t_te) = parts
+    scale = D.Standardizer(s_tr[0])
+
+    def tensors(pair):
+        return torch.from_numpy(scale(pair[0])), torch.from_numpy(pair[1].astype(np.int64))
+
+    return Task(tensors(s_tr), tensors(s_te), tensors(t_tr), tensors(t_te), s_classes, t_classes)
+
+
+def _trainer_kwargs(cfg: RunConfig, run_dir: str):
+    # each save fsyncs twice; every 5 epochs keeps resume useful without dominating these short runs
+    cbs = [ModelCheckpoint(run_dir, every_n_epochs=5)]
+    return dict(lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed, device=cfg.device,
+                progress_bar=False if cfg.quiet else None, callbacks=cbs)
+
+
+def _resume_path(cfg, run_dir):
+    last = os.path.join(run_dir, "last")
+    return last if cfg.resume and os.path.isfile(os.path.join(last, ckpt.STATE)) else None
+
+
+def pretrain(task: Task, cfg: RunConfig) -> tuple[str, dict]:
+    """Trains an MLP on the source task; saves it as ``pretrained.safetensors``. Returns its path
+    and a report row."""
+    path = os.path.join(cfg.output, "pretrained.safetensors")
+    if cfg.resume and os.path.isfile(path):
+        return path, {"method": "pretrain", "resumed": True}
+    seed_everything(cfg.seed)
+    model = MLP(task.source_train[0].shape[1], cfg.hidden, len(task.source_classes))
+    run_dir = os.path.join(cfg.output, "runs", "pretrain")
+    trainer = TransferTrainer(model, **_trainer_kwargs(cfg, run_dir))
+    hist = trainer.fit(task.source_train, task.source_test, epochs=cfg.pretrain_epochs,
+                       resume_from=_resume_path(cfg, run_dir))
+    if dist.is_main():
+        ckpt.save_weights(model, path)
+    dist.barrier()  # the other ranks read it next
+    return path, {"method": "pretrain", "source_acc": hist.target_acc, "seconds": hist.seconds,
+                  "history": hist.history}
+
+
+def transfer(task: Task, pretrained: str, method: str, cfg: RunConfig, shots: int | None = None) -> dict:
+    """``frozen`` (new head on the frozen backbone), ``finetune`` (new head, everything trains) or
+    ``scratch`` (a fresh MLP on the target alone). The target head has one output per target class.
+
+    Source accuracy after transfer is measured with the original source head put back on the
+    transferred backbone; the scratch model has no source head."""
+    if method not in ("frozen", "finetune", "scratch"):
+        raise ValueError(f"transfer method must be frozen, finetune or scratch, got {method!r}")
+    remap = _contiguous(task.target_classes, task.source_classes)
+    Xt, yt = task.target_train
+    if shots is not None:
+        Xn, yn = D.few_shot(Xt.numpy(), yt.numpy(), shots, cfg.seed)
+        Xt, yt = torch.from_numpy(Xn), torch.from_numpy(yn)
+    train, test = (Xt, remap[yt]), (task.target_test[0], remap[task.target_test[1]])
+    seed_everything(cfg.seed)
+    source_model = load_pretrained(pretrained)
+    if method == "scratch":
+        model = MLP(Xt.shape[1], cfg.hidden, len(task.target_classes))
+    else:
+        model = replace_head(copy.deepcopy(source_model), len(task.target_classes))
+    run_dir = os.path.join(cfg.output, "runs", method)
+    trainer = TransferTrainer(model, freeze_backbone=method == "frozen", **_trainer_kwargs(cfg, run_dir))
+    hist = trainer.fit(train, test, epochs=cfg.transfer_epochs, resume_from=_resume_path(cfg, run_dir))
+    row = {"method": method, "target_acc": hist.target_acc, "seconds": hist.seconds,
+           "train_samples": len(yt), "history": hist.history}
+    if method != "scratch":
+        probe = copy.deepcopy(model)
+        probe.head = source_model.head
+        before = TransferTrainer(source_model, device=cfg.device, progress_bar=False).evaluate(task.source_test)["acc"]
+        after = TransferTrainer(probe, device=cfg.device, progress_bar=False).evaluate(task.source_test)["acc"]
+        row.update(source_acc_before=before, source_acc_after=after, forgetting=100.0 * (before - after))
+    return row
+
+
+def _contiguous(target_classes, source_classes) -> torch.Tensor:
+    """Encoded label -> 0..T-1 for a target-only head."""
+    n = len(source_classes) + len([c for c in target_classes if c not in source_classes])
+    lut = torch.full((n,), -1, dtype=torch.long)
+    codes = {c: i for i, c in enumerate(source_classes)}
+    for c in target_classes:
+        codes.setdefault(c, len(codes))
+    for i, c in enumerate(target_classes):
+        lut[codes[c]] = i
+    return lut
+
+
+def adapt(task: Task, pretrained: str, alpha: float, memory_size: int | None, cfg: RunConfig,
+          name: str | None = None) -> dict:
+    """Class-incremental adaptation: the source head is extended to the new target classes, then
+    trained with alpha-weighted loss on target batches paired with replayed source batches."""
+    name = name or f"alpha={alpha:g}" + (f"+replay{memory_size}" if memory_size and alpha < 1 else "")
+    seed_everything(cfg.seed)
+    model = load_pretrained(pretrained)
+    new = len([c for c in task.target_classes if c not in task.source_classes])
+    if new:
+        extend_head(model, new)
+    run_dir = os.path.join(cfg.output, "runs", _slug(name))
+    trainer = AdaptiveTrainer(model, alpha=alpha, memory_size=memory_size, **_trainer_kwargs(cfg, run_dir))
+    hist = trainer.fit(task.target_train, task.source_train,
+                       {"source": task.source_test, "target": task.target_test}, epochs=cfg.epochs,
+                       resume_from=_resume_path(cfg, run_dir))
+    return {"method": name, "alpha": alpha, "memory_size": memory_size,
+            "source_acc_before": hist.source_acc_before, "source_acc_after": hist.source_acc_after,
+            "forgetting": hist.forgetting, "bwt": hist.bwt, "target_acc": hist.target_acc,
+            "seconds": hist.seconds, "history": hist.history}
+
+
+def _slug(name):
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def format_table(rows) -> str:
+    def pct(v):
+        return "     —" if v is None else f"{100 * v:6.1f}"
+
+    head = f"{'method':<22} {'src before':>10} {'src after':>10} {'forgetting':>10} {'target acc':>10} {'seconds':>8}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        f = r.get("forgetting")
+        lines.append(f"{r['method']:<22} {pct(r.get('source_acc_before')):>10} {pct(r.get('source_acc_after')):>10} "
+                     f"{'—' if f is None else f'{f:.1f}':>10} {pct(r.get('target_acc')):>10} {r.get('seconds', 0):8.2f}")
+    return "\n".join(lines)
+
+
+def write_report(folder, report: dict) -> str:
+    path = os.path.join(folder, "report.json")
+    if dist.is_main():
+        ckpt.atomic_write_text(path, json.dumps(report, indent=2, default=float))
+    return path
+
+
+def write_plot(folder, rows) -> str:
+    """source and target held-out accuracy per epoch, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_s, ax_t) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for r in rows:
+        h = r.get("history") or {}
+        if "val_source_acc" in h:
+            ax_s.plot(range(1, len(h["val_source_acc"]) + 1), h["val_source_acc"], label=r["method"])
+            ax_t.plot(range(1, len(h["val_target_acc"]) + 1), h["val_target_acc"], label=r["method"])
+        elif "val_acc" in h and r["method"] != "pretrain":
+            ax_t.plot(range(1, len(h["val_acc"]) + 1), h["val_acc"], "--", label=f"transfer: {r['method']}")
+    for ax, title in ((ax_s, "source accuracy (held-out)"), (ax_t, "target accuracy (held-out)")):
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    ax_s.set_ylabel("accuracy")
+    fig.tight_layout()
+    path = os.path.join(folder, "accuracy.png")
+    if dist.is_main():
+        ckpt.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+    return path

@@ -1,0 +1,279 @@
+"""TransferTrainer, head surgery, freezing, History and callbacks."""
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import fastadapt
+from fastadapt import (MLP, Callback, EarlyStopping, ModelCheckpoint, TransferTrainer, extend_head, freeze,
+                       load_pretrained, replace_head, unfreeze)
+from fastadapt.training.checkpoint import save_weights
+from fastadapt.training.trainer import WarmupCosine
+from _training_data import blobs
+
+
+def _trainer(model, **kw):
+    kw.setdefault("progress_bar", False)
+    kw.setdefault("seed", 0)
+    return TransferTrainer(model, **kw)
+
+
+class BNNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU())
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+
+# ---- freezing --------------------------------------------------------------------------------------
+
+def test_freeze_named_module_keeps_batchnorm_in_eval_through_train():
+    net = BNNet()
+    freeze(net, ["backbone"])
+    assert all(not p.requires_grad for p in net.backbone.parameters())
+    assert all(p.requires_grad for p in net.head.parameters())
+    net.train()
+    bn = net.backbone[1]
+    stats = bn.running_mean.clone()
+    net(torch.randn(32, 8) + 5)
+    assert not bn.training
+    assert torch.equal(bn.running_mean, stats)  # frozen statistics did not move
+
+    unfreeze(net, "backbone")
+    net.train()
+    net(torch.randn(32, 8) + 5)
+    assert bn.training and all(p.requires_grad for p in net.backbone.parameters())
+    assert not torch.equal(bn.running_mean, stats)
+
+
+def test_freeze_whole_model_and_bad_module_name():
+    net = MLP(4, (8,), 2)
+    freeze(net)
+    assert not any(p.requires_grad for p in net.parameters())
+    with pytest.raises(ValueError, match="no submodule named 'encoder'"):
+        freeze(net, ["encoder"])
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        _trainer(net).fit((torch.randn(4, 4), torch.tensor([0, 1, 0, 1])), epochs=1)
+
+
+def test_freeze_backbone_trains_only_the_head():
+    X, y = blobs()
+    net = MLP(8, (16,), 3)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    _trainer(net, freeze_backbone=True, lr=1e-2).fit((X, y), epochs=2)
+    after = net.state_dict()
+    assert torch.equal(after["backbone.0.weight"], before["backbone.0.weight"])
+    assert not torch.equal(after["head.weight"], before["head.weight"])
+
+
+# ---- head surgery ----------------------------------------------------------------------------------
+
+def test_replace_head_and_extend_head_keeps_old_rows():
+    net = MLP(4, (8,), 3)
+    w, b = net.head.weight.detach().clone(), net.head.bias.detach().clone()
+    extend_head(net, 2)
+    assert net.head.out_features == 5 and net.config()["num_classes"] == 5
+    assert torch.equal(net.head.weight[:3], w) and torch.equal(net.head.bias[:3], b)
+    x = torch.randn(6, 4)
+    old = nn.Linear(8, 3)
+    old.weight.data, old.bias.data = w, b
+    assert torch.allclose(net(x)[:, :3], old(net.backbone(x)))
+    replace_head(net, 7)
+    assert net.head.out_features == 7 and net.head.in_features == 8
+    assert net.head.weight.requires_grad
+    with pytest.raises(ValueError, match="num_new_classes must be a positive int, got 0"):
+        extend_head(net, 0)
+
+
+def test_load_pretrained_roundtrip_and_mismatch(tmp_path):
+    net = MLP(4, (8, 6), 3)
+    save_weights(net, tmp_path / "m.safetensors")
+    rebuilt = load_pretrained(tmp_path / "m.safetensors")  # architecture from the file's metadata
+    assert rebuilt.config() == net.config()
+    assert all(torch.equal(a, b) for a, b in zip(rebuilt.state_dict().values(), net.state_dict().values()))
+    torch.save(net.state_dict(), tmp_path / "m.pt")
+    into = load_pretrained(str(tmp_path / "m.pt"), MLP(4, (8, 6), 3))
+    assert torch.equal(into.head.weight, net.head.weight)
+    with pytest.raises(ValueError, match=r"head.weight: \(3, 6\) vs model \(5, 6\)"):
+        load_pretrained(tmp_path / "m.safetensors", MLP(4, (8, 6), 5))
+    with pytest.raises(ValueError, match="does not record its architecture"):
+        load_pretrained(tmp_path / "m.pt")
+    assert load_pretrained(net) is net
+
+
+# ---- fit / evaluate / predict ----------------------------------------------------------------------
+
+def test_fit_history_evaluate_predict():
+    X, y = blobs(150)
+    net = MLP(8, (16,), 3)
+    tr = _trainer(net, lr=1e-2)
+    hist = tr.fit((X[:100], y[:100]), (X[100:], y[100:]), epochs=3)
+    assert hist.epoch == [0, 1, 2]
+    assert set(hist.history) == {"loss", "acc", "val_loss", "val_acc", "lr"}
+    assert all(len(v) == 3 for v in hist.history.values())
+    assert hist["val_acc"][-1] > 0.95 and hist.target_acc == hist["val_acc"][-1]
+    assert hist["loss"][-1] < hist["loss"][0]
+    ev = tr.evaluate((X[100:], y[100:]))
+    assert ev["acc"] == pytest.approx(hist["val_acc"][-1])
+    logits = tr.predict(X[100:])
+    assert logits.shape == (50, 3)
+    assert (logits.argmax(1) == y[100:]).float().mean().item() == pytest.approx(ev["acc"])
+    d = json.loads(hist.to_json())
+    assert d["history"]["val_acc"] == hist["val_acc"] and d["forgetting"] is None
+
+
+def test_dataloader_dataset_and_pair_give_identical_training():
+    X, y = blobs(64)
+    results = []
+    for data in ((X, y), TensorDataset(X, y), DataLoader(TensorDataset(X, y), batch_size=32, shuffle=True)):
+        torch.manual_seed(0)
+        net = MLP(8, (16,), 3)
+        _trainer(net).fit(data, epochs=2)
+        results.append(net.head.weight.detach().clone())
+    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
+
+
+def test_head_lr_mult_and_cosine_warmup_schedule():
+    X, y = blobs(64)
+    tr = _trainer(MLP(8, (16,), 3), lr=0.1, head_lr_mult=10.0, scheduler="cosine", warmup_steps=2, batch_size=16)
+    hist = tr.fit((X, y), epochs=2)  # 4 steps per epoch, 8 in all
+    assert [g["lr"] for g in tr.optimizer.param_groups] == pytest.approx([0.0, 0.0], abs=1e-12)
+    assert [g["initial_lr"] for g in tr.optimizer.param_groups] == [0.1, 1.0]
+    f = WarmupCosine(2, 8, cosine=True)
+    assert [f(s) for s in (0, 1, 2, 5, 8)] == pytest.approx([0.5, 1.0, 1.0, 0.5, 0.0])
+    assert hist["lr"][0] == pytest.approx(0.1 * f(4))
+    assert WarmupCosine(3, 10, cosine=False)(7) == 1.0
+
+
+def _sgd(groups):
+    return torch.optim.SGD(groups)
+
+
+def test_grad_accumulation_matches_a_larger_batch():
+    X, y = blobs(64)
+    weights = []
+    for bs, accum in ((16, 1), (8, 2)):
+        torch.manual_seed(0)
+        net = MLP(8, (16,), 3)
+        _trainer(net, optimizer=_sgd, lr=0.1, batch_size=bs, grad_accum_steps=accum).fit((X, y), epochs=2)
+        weights.append(net.head.weight.detach())
+    assert torch.allclose(weights[0], weights[1], atol=1e-6)
+
+
+def test_gradient_clipping_bounds_the_update():
+    X, y = blobs(32)
+    net = MLP(8, (16,), 3)
+    before = torch.cat([p.detach().flatten().clone() for p in net.parameters()])
+    _trainer(net, optimizer=_sgd, lr=1.0, max_grad_norm=1e-3, batch_size=32).fit((X, y), epochs=1)
+    after = torch.cat([p.detach().flatten() for p in net.parameters()])
+    assert (after - before).norm().item() == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_bf16_autocast_trains():
+    X, y = blobs(96)
+    net = MLP(8, (16,), 3)
+    hist = _trainer(net, precision="bf16", lr=1e-2).fit((X, y), (X, y), epochs=3)
+    assert net.head.weight.dtype == torch.float32
+    assert all(math.isfinite(v) for v in hist["loss"]) and hist["val_acc"][-1] > 0.9
+
+
+@pytest.mark.parametrize("kw, msg", [
+    ({"lr": -1}, "lr must be a positive finite number, got -1"),
+    ({"optimizer": "lbfgs"}, "optimizer must be one of .* got 'lbfgs'"),
+    ({"scheduler": "step"}, "scheduler must be None, 'constant' or 'cosine', got 'step'"),
+    ({"precision": "fp8"}, r"precision must be one of \('32', 'bf16'\), got 'fp8'"),
+    ({"grad_accum_steps": 0}, "grad_accum_steps must be a positive int, got 0"),
+    ({"max_grad_norm": -2.0}, "max_grad_norm must be None or > 0, got -2.0"),
+])
+def test_bad_trainer_arguments(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        TransferTrainer(MLP(4, (8,), 2), **kw)
+
+
+# ---- callbacks -------------------------------------------------------------------------------------
+
+class Recorder(Callback):
+    def __init__(self):
+        self.states = []
+
+    def on_epoch_end(self, trainer, epoch, logs):
+        self.states.append({k: v.clone() for k, v in trainer.unwrapped_model.state_dict().items()})
+
+
+def test_early_stopping_stops_and_restores_best_weights():
+    X, y = blobs(64)
+    rec = Recorder()
+    # lr is constant, so "min lr" improves only at the first epoch
+    stop = EarlyStopping(monitor="lr", mode="min", patience=2, restore_best_weights=True)
+    net = MLP(8, (16,), 3)
+    hist = _trainer(net, callbacks=[rec, stop]).fit((X, y), epochs=10)
+    assert hist.epoch == [0, 1, 2, 3] and stop.stopped_epoch == 3 and stop.best_epoch == 0
+    assert all(torch.equal(net.state_dict()[k], rec.states[0][k]) for k in rec.states[0])
+
+
+def test_early_stopping_unknown_monitor():
+    X, y = blobs(32)
+    with pytest.raises(KeyError, match="monitor='val_f1' is not a logged metric"):
+        _trainer(MLP(8, (16,), 3), callbacks=[EarlyStopping("val_f1")]).fit((X, y), epochs=1)
+
+
+def test_model_checkpoint_save_best_only(tmp_path):
+    X, y = blobs(96)
+    rec = Recorder()
+    cb = ModelCheckpoint(tmp_path, monitor="val_acc", save_best_only=True)
+    net = MLP(8, (16,), 3)
+    tr = _trainer(net, callbacks=[rec, cb])
+    hist = tr.fit((X[:64], y[:64]), (X[64:], y[64:]), epochs=4)
+    best = max(range(4), key=lambda e: (hist["val_acc"][e], -e))
+    fresh = TransferTrainer(MLP(8, (16,), 3), progress_bar=False)
+    fresh.load_checkpoint(tmp_path / "best")
+    assert all(torch.equal(fresh.model.state_dict()[k], rec.states[best][k]) for k in rec.states[best])
+    assert fresh._pending_state["epoch"] == best + 1
+
+
+def test_public_names_exported():
+    for name in ("TransferTrainer", "AdaptiveTrainer", "History", "EarlyStopping", "ModelCheckpoint",
+                 "freeze", "unfreeze", "replace_head", "extend_head", "load_pretrained"):
+        assert hasattr(fastadapt, name) and name in fastadapt.__all__
+
+
+class _ListDataset(torch.utils.data.Dataset):
+    """A map-style dataset whose labels cannot be read without indexing it."""
+
+    def __init__(self, X, y):
+        self.X, self.y = X, y
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.X[i], int(self.y[i])
+
+
+def test_labels_of_a_generic_dataset_are_checked_per_batch():
+    X, y = blobs(40)
+    y[25] = 9
+    tr = _trainer(MLP(8, (16,), 3))
+    with pytest.raises(ValueError, match=r"train_data has label 9, outside the model head's range \[0, 2\]"):
+        tr.fit(_ListDataset(X, y), epochs=1)
+    y[25] = 1
+    hist = tr.fit(_ListDataset(X, y), _ListDataset(X, y), epochs=1)
+    assert hist.target_acc == pytest.approx(tr.evaluate((X, y))["acc"])
+
+
+def test_model_checkpoint_every_n_epochs_and_at_the_end(tmp_path, monkeypatch):
+    X, y = blobs(32)
+    saved = []
+    tr = _trainer(MLP(8, (16,), 3), callbacks=[ModelCheckpoint(tmp_path, every_n_epochs=3)])
+    real = tr.save_checkpoint
+    monkeypatch.setattr(tr, "save_checkpoint", lambda p: (saved.append(tr.epoch), real(p)))
+    tr.fit((X, y), epochs=7)
+    assert saved == [3, 6, 7]
+    with pytest.raises(ValueError, match="every_n_epochs must be a positive int, got 0"):
+        ModelCheckpoint(tmp_path, every_n_epochs=0)
