@@ -11,7 +11,7 @@ TOLERANCES = {
 
 
 # CUDA float32 uses the hardware exponential (__expf, a few ulp): looser than the CPU's.
-CUDA_TOLERANCES = dict(TOLERANCES, **{torch.float32: (1e-4, 1e-5)})
+CUDA_TOLERANCES = {**TOLERANCES, torch.float32: (1e-4, 1e-5)}
 
 
 def assert_close(actual, expected, dtype, what, scale=1.0):
