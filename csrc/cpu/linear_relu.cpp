@@ -1,0 +1,251 @@
+// CPU kernels of the fused Linear + ReLU: y = relu(x @ W^T + b).
+//
+// Forward: the GEMM (BLAS through at::mm_out) writes straight into the output; one vectorised,
+// parallel pass then adds the bias and clamps in place. Reads x and W once (in the GEMM) and touches
+// y twice; the only allocation is y itself. eager nn.Linear + ReLU instead broadcasts the bias into
+// its output first, then allocates and writes a second tensor for the ReLU.
+//
+// Backward: one pass reads grad_output and the saved output y (y > 0 is the ReLU mask, so the
+// pre-activation is never kept), writes the masked gradient gm and, in the same pass, the bias
+// gradient. Then grad_x = gm @ W and grad_W = gm^T @ x. The bias sum runs over fixed blocks of rows
+// whose partial sums are added in block order: bitwise identical results for any thread count and no
+// float atomics. bf16 accumulates in fp32.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <array>
+#include <c10/util/accumulate.h>
+#include <vector>
+
+namespace fastadapt::cpu {
+namespace {
+
+using at::Tensor;
+using at::vec::Vectorized;
+
+// Rows per bias-gradient block. Fixed (not derived from the thread count) so the summation order,
+// hence the rounding, never changes; the partial-sum buffer is 1/kBlockRows of the output.
+constexpr int64_t kBlockRows = 64;
+// Elements per parallel task: below this one thread does the whole pass (a batch-64 MLP layer).
+constexpr int64_t kGrainElems = int64_t(1) << 15;
+
+bool supported_float(const Tensor& t) {
+  auto d = t.scalar_type();
+  return d == at::kFloat || d == at::kDouble || d == at::kBFloat16 || (d == at::kHalf && t.is_cuda());
+}
+
+// Same wording as fastadapt/_validate.py, so a direct torch.ops call fails like the Python API.
+void check_args(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias) {
+  TORCH_CHECK_TYPE(supported_float(x), "linear_relu: x must be float32, float64 or bfloat16 (float16 on CUDA too), got ",
+                   x.scalar_type());
+  TORCH_CHECK_VALUE(weight.dim() == 2, "linear_relu: weight must be 2-D (out_features, in_features), got shape ",
+                    weight.sizes());
+  TORCH_CHECK_VALUE(x.dim() >= 1, "linear_relu: x must have shape (..., in_features), got a 0-dim tensor");
+  TORCH_CHECK_VALUE(x.size(-1) == weight.size(1), "linear_relu: x.shape[-1] is ", x.size(-1),
+                    " but weight has in_features=", weight.size(1), " (weight shape ", weight.sizes(), ")");
+  TORCH_CHECK_TYPE(weight.scalar_type() == x.scalar_type(), "linear_relu: weight has dtype ", weight.scalar_type(),
+                   " but x has dtype ", x.scalar_type(), "; they must match");
+  TORCH_CHECK_VALUE(weight.device() == x.device(), "linear_relu: weight is on ", weight.device(), " but x is on ",
+                    x.device(), "; all inputs must share one device");
+  if (bias.has_value() && bias->defined()) {
+    const Tensor& b = *bias;
+    TORCH_CHECK_VALUE(b.dim() == 1 && b.size(0) == weight.size(0), "linear_relu: bias must have shape (",
+                      weight.size(0), ",) = (out_features,), got shape ", b.sizes());
+    TORCH_CHECK_TYPE(b.scalar_type() == x.scalar_type(), "linear_relu: bias has dtype ", b.scalar_type(),
+                     " but x has dtype ", x.scalar_type(), "; they must match");
+    TORCH_CHECK_VALUE(b.device() == x.device(), "linear_relu: bias is on ", b.device(), " but x is on ", x.device(),
+                      "; all inputs must share one device");
+  }
+}
+
+int64_t leading_rows(const Tensor& x) {
+  return c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
+}
+
+// x as (rows, in_features) without a copy whenever the strides allow it (BLAS takes any 2-D layout).
+Tensor as_rows(const Tensor& x) {
+  return x.dim() == 2 ? x : x.reshape({leading_rows(x), x.size(-1)});
+}
+
+std::vector<int64_t> with_last(c10::IntArrayRef lead_and_last, int64_t last) {
+  std::vector<int64_t> s(lead_and_last.begin(), lead_and_last.end());
+  s.back() = last;
+  return s;
+}
+
+// y[r, :] = max(y[r, :] + b, 0) in place; b may be null.
+template <typename scalar_t>
+void bias_relu_rows(scalar_t* y, const scalar_t* b, int64_t rows, int64_t n) {
+  at::parallel_for(0, rows, std::max<int64_t>(1, kGrainElems / std::max<int64_t>(n, 1)), [&](int64_t r0, int64_t r1) {
+    if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+      // bf16: add in fp32 and round once, as addmm's epilogue would.
+      using fV = Vectorized<float>;
+      using bV = Vectorized<at::BFloat16>;
+      const fV zero(0.f);
+      for (int64_t r = r0; r < r1; ++r) {
+        scalar_t* row = y + r * n;
+        int64_t c = 0;
+        for (; c + bV::size() <= n; c += bV::size()) {
+          auto [y0, y1] = at::vec::convert_to_float<at::BFloat16>(bV::loadu(row + c));
+          if (b) {
+            auto [b0, b1] = at::vec::convert_to_float<at::BFloat16>(bV::loadu(b + c));
+            y0 = y0 + b0;
+            y1 = y1 + b1;
+          }
+          at::vec::convert_from_float<at::BFloat16>(at::vec::maximum(y0, zero), at::vec::maximum(y1, zero))
+              .store(row + c);
+        }
+        for (; c < n; ++c) {
+          float v = float(row[c]) + (b ? float(b[c]) : 0.f);
+          row[c] = scalar_t(v > 0.f ? v : 0.f);
+        }
+      }
+    } else {
+      using V = Vectorized<scalar_t>;
+      const V zero(scalar_t(0));
+      for (int64_t r = r0; r < r1; ++r) {
+        scalar_t* row = y + r * n;
+        int64_t c = 0;
+        for (; c + V::size() <= n; c += V::size()) {
+          V v = V::loadu(row + c);
+          if (b) v = v + V::loadu(b + c);
+          at::vec::maximum(v, zero).store(row + c);
+        }
+        for (; c < n; ++c) {
+          scalar_t v = row[c] + (b ? b[c] : scalar_t(0));
+          row[c] = v > scalar_t(0) ? v : scalar_t(0);
+        }
+      }
+    }
+  });
+}
+
+Tensor linear_relu(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias) {
+  check_args(x, weight, bias);
+  const int64_t out_f = weight.size(0);
+  const Tensor x2 = as_rows(x);
+  Tensor y = at::empty({x2.size(0), out_f}, x.options());
+  at::mm_out(y, x2, weight.t());
+  const bool has_bias = bias.has_value() && bias->defined();
+  const Tensor b = has_bias ? bias->contiguous() : Tensor();  // (out,) is contiguous in practice: no copy
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "linear_relu_cpu", [&] {
+    bias_relu_rows<scalar_t>(y.data_ptr<scalar_t>(), has_bias ? b.const_data_ptr<scalar_t>() : nullptr, y.size(0),
+                             out_f);
+  });
+  return x.dim() == 2 ? y : y.view(with_last(x.sizes(), out_f));
+}
+
+// gm = g * (y > 0) and, when bias_grad is given, bias_grad = column sums of gm (in acc_t).
+// g may be strided (an expanded grad_output has a row stride of 0); gm and y are row-major.
+template <typename scalar_t>
+void mask_and_bias_grad(const scalar_t* g, int64_t g_rs, int64_t g_cs, const scalar_t* y, scalar_t* gm, int64_t rows,
+                        int64_t n, scalar_t* bias_grad) {
+  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  const int64_t nblocks = (rows + kBlockRows - 1) / kBlockRows;
+  std::vector<acc_t> partial(bias_grad ? nblocks * n : 0);
+  const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(n * kBlockRows, 1));
+  at::parallel_for(0, nblocks, grain, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      acc_t* acc = bias_grad ? partial.data() + k * n : nullptr;
+      if (acc) std::fill(acc, acc + n, acc_t(0));
+      const int64_t r_end = std::min(rows, (k + 1) * kBlockRows);
+      for (int64_t r = k * kBlockRows; r < r_end; ++r) {
+        const scalar_t* grow = g + r * g_rs;
+        const scalar_t* yrow = y + r * n;
+        scalar_t* mrow = gm + r * n;
+        int64_t c = 0;
+        if (g_cs == 1) {
+          if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+            // The mask only selects, so gm is exact in bf16; only the sum is widened.
+            using fV = Vectorized<float>;
+            using bV = Vectorized<at::BFloat16>;
+            const fV zero(0.f);
+            for (; c + bV::size() <= n; c += bV::size()) {
+              auto [g0, g1] = at::vec::convert_to_float<at::BFloat16>(bV::loadu(grow + c));
+              auto [y0, y1] = at::vec::convert_to_float<at::BFloat16>(bV::loadu(yrow + c));
+              g0 = fV::blendv(zero, g0, y0 > zero);
+              g1 = fV::blendv(zero, g1, y1 > zero);
+              at::vec::convert_from_float<at::BFloat16>(g0, g1).store(mrow + c);
+              if (acc) {
+                (fV::loadu(acc + c) + g0).store(acc + c);
+                (fV::loadu(acc + c + fV::size()) + g1).store(acc + c + fV::size());
+              }
+            }
+          } else {
+            using V = Vectorized<scalar_t>;
+            const V zero(scalar_t(0));
+            for (; c + V::size() <= n; c += V::size()) {
+              V gv = V::blendv(zero, V::loadu(grow + c), V::loadu(yrow + c) > zero);
+              gv.store(mrow + c);
+              if (acc) (V::loadu(acc + c) + gv).store(acc + c);
+            }
+          }
+        }
+        for (; c < n; ++c) {
+          const scalar_t gv = yrow[c] > scalar_t(0) ? grow[c * g_cs] : scalar_t(0);
+          mrow[c] = gv;
+          if (acc) acc[c] += acc_t(gv);
+        }
+      }
+    }
+  });
+  if (!bias_grad) return;
+  // Blocks are added in index order for every column: the order depends on rows only.
+  at::parallel_for(0, n, std::max<int64_t>(1, kGrainElems / std::max<int64_t>(nblocks, 1)), [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      acc_t s = 0;
+      for (int64_t k = 0; k < nblocks; ++k) s += partial[k * n + c];
+      bias_grad[c] = scalar_t(s);
+    }
+  });
+}
+
+std::tuple<Tensor, Tensor, Tensor> linear_relu_backward(const Tensor& grad_output, const Tensor& x,
+                                                        const Tensor& weight, const Tensor& output,
+                                                        std::array<bool, 3> mask) {
+  check_args(x, weight, std::nullopt);
+  const int64_t out_f = weight.size(0);
+  const int64_t rows = leading_rows(x);
+  const auto lead = with_last(x.sizes(), out_f);
+  TORCH_CHECK_VALUE(output.sizes() == c10::IntArrayRef(lead), "_linear_relu_backward: output has shape ",
+                    output.sizes(), ", expected ", c10::IntArrayRef(lead));
+  TORCH_CHECK_VALUE(grad_output.sizes() == output.sizes(), "_linear_relu_backward: grad_output has shape ",
+                    grad_output.sizes(), " but output has shape ", output.sizes());
+  TORCH_CHECK_TYPE(grad_output.scalar_type() == x.scalar_type() && output.scalar_type() == x.scalar_type(),
+                   "_linear_relu_backward: grad_output (", grad_output.scalar_type(), ") and output (",
+                   output.scalar_type(), ") must have x's dtype ", x.scalar_type());
+  Tensor gx = mask[0] ? Tensor() : at::empty({0}, x.options());
+  Tensor gw = mask[1] ? Tensor() : at::empty({0}, weight.options());
+  Tensor gb = mask[2] ? at::empty({out_f}, weight.options()) : at::empty({0}, weight.options());
+  if (!mask[0] && !mask[1] && !mask[2]) return {gx, gw, gb};
+
+  // grad_output as (rows, out) with its own strides; only a layout no 2-D view can describe is copied.
+  Tensor g2 = grad_output.dim() == 2 ? grad_output : grad_output.reshape({rows, out_f});
+  const Tensor y2 = output.reshape({rows, out_f}).contiguous();  // saved by our forward: already contiguous
+  Tensor gm = at::empty({rows, out_f}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "linear_relu_backward_cpu", [&] {
+    mask_and_bias_grad<scalar_t>(g2.const_data_ptr<scalar_t>(), g2.stride(0), g2.stride(1),
+                                 y2.const_data_ptr<scalar_t>(), gm.data_ptr<scalar_t>(), rows, out_f,
+                                 mask[2] ? gb.data_ptr<scalar_t>() : nullptr);
+  });
+  if (mask[0]) {
+    gx = at::mm(gm, weight);
+    if (x.dim() != 2) gx = gx.view(x.sizes());
+  }
+  if (mask[1]) gw = at::mm(gm.t(), as_rows(x));
+  return {gx, gw, gb};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastadapt, CPU, m) {
+  m.impl("linear_relu", &linear_relu);
+  m.impl("_linear_relu_backward", &linear_relu_backward);
+}
+
+}  // namespace fastadapt::cpu
