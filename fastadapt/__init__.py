@@ -3,6 +3,7 @@ from fastadapt._extension import build_info, has_cuda_ops, has_ops
 from fastadapt import _fake  # noqa: F401  (fake kernels, so torch.compile traces the compiled ops)
 from fastadapt.losses import AlphaWeightedLoss, alpha_weighted_cross_entropy, alpha_weighted_mse
 from fastadapt.linear_relu import FusedLinearReLU, linear_relu
+from fastadapt.fuse import fuse_linear_relu
 
 __all__ = [
     "AlphaWeightedLoss",
@@ -12,5 +13,6 @@ __all__ = [
     "has_cuda_ops",
     "has_ops",
     "FusedLinearReLU",
+    "fuse_linear_relu",
     "linear_relu",
 ]
