@@ -23,7 +23,9 @@ def _check_args(x, weight, bias):
     V.check_tensor("weight", weight)
     if bias is not None:
         V.check_tensor("bias", bias)
-    V.check_float_dtype("x", x)
+    if x.dtype not in (V._CUDA_FLOATS if x.device.type == "cuda" else V._CPU_FLOATS):
+        kinds = "float32, float64, bfloat16" + (", float16" if x.device.type == "cuda" else "")
+        raise TypeError(f"linear_relu: x must be a floating tensor ({kinds} on {x.device.type}), got dtype {x.dtype}")
     if weight.dim() != 2:
         raise ValueError(f"linear_relu: weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
     if x.dim() < 1:
@@ -34,12 +36,13 @@ def _check_args(x, weight, bias):
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
         raise ValueError(f"linear_relu: bias must have shape ({weight.shape[0]},) = (out_features,), "
                          f"got shape {tuple(bias.shape)}")
-    V.check_same_dtype("x", x, "weight", weight)
-    if bias is not None:
-        V.check_same_dtype("x", x, "bias", bias)
-        V.check_same_device(x=x, weight=weight, bias=bias)
-    else:
-        V.check_same_device(x=x, weight=weight)
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.dtype != x.dtype:
+            raise TypeError(f"linear_relu: {name} has dtype {t.dtype} but x has dtype {x.dtype}; they must match")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"linear_relu: {name} is on {t.device} but x is on {x.device}; "
+                             "all inputs must share one device")
 
 
 def linear_relu(x, weight, bias=None):

@@ -30,12 +30,16 @@ class LinearReLU : public torch::autograd::Function<LinearReLU> {
       y = op.call(x, weight, bias);
     }
     ctx->save_for_backward({x, weight, y});
+    // Without a bias the node has two input edges, and needs_input_grad(2) would be out of range.
+    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
     return y;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static auto op = op_handle<BackwardSig>("fastadapt::_linear_relu_backward");
-    const std::array<bool, 3> mask = {ctx->needs_input_grad(0), ctx->needs_input_grad(1), ctx->needs_input_grad(2)};
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    const std::array<bool, 3> mask = {ctx->needs_input_grad(0), ctx->needs_input_grad(1),
+                                      has_bias && ctx->needs_input_grad(2)};
     if (!grads[0].defined() || !(mask[0] || mask[1] || mask[2])) return {Tensor(), Tensor(), Tensor()};
     auto saved = ctx->get_saved_variables();
     auto [gx, gw, gb] = op.call(grads[0], saved[0], saved[1], saved[2], mask);

@@ -15,11 +15,11 @@
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
-#include <ATen/ops/zeros.h>
+#include <c10/util/accumulate.h>
 #include <torch/library.h>
 
 #include <array>
-#include <c10/util/accumulate.h>
+#include <string>
 #include <vector>
 
 namespace fastadapt::cpu {
@@ -39,27 +39,44 @@ bool supported_float(const Tensor& t) {
   return d == at::kFloat || d == at::kDouble || d == at::kBFloat16 || (d == at::kHalf && t.is_cuda());
 }
 
-// Same wording as fastadapt/_validate.py, so a direct torch.ops call fails like the Python API.
+// Python's spelling of dtypes and shapes, so a direct torch.ops call fails with the very message of
+// the Python API (fastadapt/linear_relu.py).
+std::string py_dtype(at::ScalarType s) {
+  return "torch." + std::string(c10::getDtypeNames(s).first);
+}
+
+std::string py_shape(c10::IntArrayRef sizes) {
+  std::string out = "(";
+  for (size_t i = 0; i < sizes.size(); ++i) out += (i ? ", " : "") + std::to_string(sizes[i]);
+  return out + (sizes.size() == 1 ? ",)" : ")");
+}
+
 void check_args(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias) {
-  TORCH_CHECK_TYPE(supported_float(x), "linear_relu: x must be float32, float64 or bfloat16 (float16 on CUDA too), got ",
-                   x.scalar_type());
+  TORCH_CHECK_TYPE(supported_float(x), "linear_relu: x must be a floating tensor (float32, float64, bfloat16",
+                   x.is_cuda() ? ", float16" : "", " on ", c10::DeviceTypeName(x.device().type(), true),
+                   "), got dtype ", py_dtype(x.scalar_type()));
   TORCH_CHECK_VALUE(weight.dim() == 2, "linear_relu: weight must be 2-D (out_features, in_features), got shape ",
-                    weight.sizes());
+                    py_shape(weight.sizes()));
   TORCH_CHECK_VALUE(x.dim() >= 1, "linear_relu: x must have shape (..., in_features), got a 0-dim tensor");
   TORCH_CHECK_VALUE(x.size(-1) == weight.size(1), "linear_relu: x.shape[-1] is ", x.size(-1),
-                    " but weight has in_features=", weight.size(1), " (weight shape ", weight.sizes(), ")");
-  TORCH_CHECK_TYPE(weight.scalar_type() == x.scalar_type(), "linear_relu: weight has dtype ", weight.scalar_type(),
-                   " but x has dtype ", x.scalar_type(), "; they must match");
+                    " but weight has in_features=", weight.size(1), " (weight shape ", py_shape(weight.sizes()), ")");
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (has_bias) {
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == weight.size(0), "linear_relu: bias must have shape (",
+                      weight.size(0), ",) = (out_features,), got shape ", py_shape(bias->sizes()));
+  }
+  TORCH_CHECK_TYPE(weight.scalar_type() == x.scalar_type(), "linear_relu: weight has dtype ",
+                   py_dtype(weight.scalar_type()), " but x has dtype ", py_dtype(x.scalar_type()), "; they must match");
+  if (has_bias) {
+    TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), "linear_relu: bias has dtype ",
+                     py_dtype(bias->scalar_type()), " but x has dtype ", py_dtype(x.scalar_type()),
+                     "; they must match");
+  }
   TORCH_CHECK_VALUE(weight.device() == x.device(), "linear_relu: weight is on ", weight.device(), " but x is on ",
                     x.device(), "; all inputs must share one device");
-  if (bias.has_value() && bias->defined()) {
-    const Tensor& b = *bias;
-    TORCH_CHECK_VALUE(b.dim() == 1 && b.size(0) == weight.size(0), "linear_relu: bias must have shape (",
-                      weight.size(0), ",) = (out_features,), got shape ", b.sizes());
-    TORCH_CHECK_TYPE(b.scalar_type() == x.scalar_type(), "linear_relu: bias has dtype ", b.scalar_type(),
-                     " but x has dtype ", x.scalar_type(), "; they must match");
-    TORCH_CHECK_VALUE(b.device() == x.device(), "linear_relu: bias is on ", b.device(), " but x is on ", x.device(),
-                      "; all inputs must share one device");
+  if (has_bias) {
+    TORCH_CHECK_VALUE(bias->device() == x.device(), "linear_relu: bias is on ", bias->device(), " but x is on ",
+                      x.device(), "; all inputs must share one device");
   }
 }
 
@@ -213,12 +230,12 @@ std::tuple<Tensor, Tensor, Tensor> linear_relu_backward(const Tensor& grad_outpu
   const int64_t rows = leading_rows(x);
   const auto lead = with_last(x.sizes(), out_f);
   TORCH_CHECK_VALUE(output.sizes() == c10::IntArrayRef(lead), "_linear_relu_backward: output has shape ",
-                    output.sizes(), ", expected ", c10::IntArrayRef(lead));
+                    py_shape(output.sizes()), ", expected ", py_shape(lead));
   TORCH_CHECK_VALUE(grad_output.sizes() == output.sizes(), "_linear_relu_backward: grad_output has shape ",
-                    grad_output.sizes(), " but output has shape ", output.sizes());
+                    py_shape(grad_output.sizes()), " but output has shape ", py_shape(output.sizes()));
   TORCH_CHECK_TYPE(grad_output.scalar_type() == x.scalar_type() && output.scalar_type() == x.scalar_type(),
-                   "_linear_relu_backward: grad_output (", grad_output.scalar_type(), ") and output (",
-                   output.scalar_type(), ") must have x's dtype ", x.scalar_type());
+                   "_linear_relu_backward: grad_output (", py_dtype(grad_output.scalar_type()), ") and output (",
+                   py_dtype(output.scalar_type()), ") must have x's dtype ", py_dtype(x.scalar_type()));
   Tensor gx = mask[0] ? Tensor() : at::empty({0}, x.options());
   Tensor gw = mask[1] ? Tensor() : at::empty({0}, weight.options());
   Tensor gb = mask[2] ? at::empty({out_f}, weight.options()) : at::empty({0}, weight.options());
