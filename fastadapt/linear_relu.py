@@ -58,6 +58,9 @@ def linear_relu(x, weight, bias=None):
     return reference.linear_relu(x, weight, bias)
 
 
+_linear_relu_op = torch.ops.fastadapt.linear_relu if _extension._C is not None else None
+
+
 class FusedLinearReLU(nn.Module):
     """``nn.Sequential(nn.Linear(in_features, out_features, bias), nn.ReLU())`` as one layer.
 
@@ -117,10 +120,14 @@ class FusedLinearReLU(nn.Module):
 
     def forward(self, x):
         w = self.weight
-        # Hot path: the C++ kernel runs the same checks as _check_args (same messages); only the device
-        # test stays here, since a mixed-device call would otherwise dispatch on the other device's key.
-        if _extension._C is not None and isinstance(x, torch.Tensor) and x.device == w.device and use_compiled(x):
-            return torch.ops.fastadapt.linear_relu(x, w, self.bias)
+        # Hot path, kept to a few attribute reads: the C++ kernel runs the checks of _check_args with the
+        # same messages. Only the device test stays here, since a mixed-device call would dispatch on the
+        # other device's key (and on "meta" skip the kernel's checks).
+        C = _extension._C
+        if C is not None and type(x) is torch.Tensor:
+            dev = x.device
+            if dev == w.device and (dev.type != "cuda" or C.with_cuda):
+                return _linear_relu_op(x, w, self.bias)
         return linear_relu(x, w, self.bias)
 
     def extra_repr(self) -> str:

@@ -42,7 +42,15 @@ class LinearReLU : public torch::autograd::Function<LinearReLU> {
                                       has_bias && ctx->needs_input_grad(2)};
     if (!grads[0].defined() || !(mask[0] || mask[1] || mask[2])) return {Tensor(), Tensor(), Tensor()};
     auto saved = ctx->get_saved_variables();
-    auto [gx, gw, gb] = op.call(grads[0], saved[0], saved[1], saved[2], mask);
+    Tensor gx, gw, gb;
+    if (at::GradMode::is_enabled()) {
+      // create_graph=True: through the autograd fallback, which makes a second backward raise.
+      std::tie(gx, gw, gb) = op.call(grads[0], saved[0], saved[1], saved[2], mask);
+    } else {
+      // The usual backward: the boxed fallback would only redispatch, so skip it.
+      at::AutoDispatchBelowADInplaceOrView below;
+      std::tie(gx, gw, gb) = op.call(grads[0], saved[0], saved[1], saved[2], mask);
+    }
     return {mask[0] ? gx : Tensor(), mask[1] ? gw : Tensor(), mask[2] ? gb : Tensor()};
   }
 };
