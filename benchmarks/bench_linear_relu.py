@@ -11,11 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import fastadapt
-try:  # tests/conftest.py, when pytest collected tests/ in the same run
-    from conftest import DEVICES
-except ImportError:
-    DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
-        not torch.cuda.is_available(), reason="needs a CUDA GPU")])]
+from devices import DEVICES
 
 # (rows N, in_features K, out_features M): the MNIST hidden layer and the large GEMM-bound layer
 SHAPES = [(64, 784, 128), (4096, 1024, 1024)]

@@ -10,11 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastadapt
-try:  # tests/conftest.py, when pytest collected tests/ in the same run
-    from conftest import DEVICES
-except ImportError:
-    DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
-        not torch.cuda.is_available(), reason="needs a CUDA GPU")])]
+from devices import DEVICES
 
 BATCHES = [64, 256]
 IMPLS = ["eager", "fastadapt", "compile"]
