@@ -8,6 +8,7 @@
 #   4. scripts/cuda_smoke.py: parity of every op and dtype + CE bandwidth vs copy and eager
 #   5. CUDA tests (pytest -m cuda)    6. CUDA benchmarks (pytest-benchmark JSON)    7. benchmark table
 #   8. compute-sanitizer memcheck over tests/test_cuda_kernels.py, only if time is left
+#   9. compute-sanitizer racecheck over the odd-shape path tests, only if time is left
 # Everything lands in $OUT: one log per stage, bench_cuda.json, cuda_tests.xml and summary.txt.
 # Budget: about 8 minutes in all (GPU_CHECK_BUDGET seconds, default 470).
 set -u -o pipefail
@@ -74,6 +75,14 @@ if [[ -n "$SAN" ]] && (($(left) > 60)); then
     -k 'not beyond_int32 and not deterministic and not no_host_sync'"
 else
   echo "=== [memcheck] skipped (compute-sanitizer: '${SAN:-missing}', $(left)s left)" | tee -a "$SUMMARY"
+fi
+# racecheck: shared-memory hazards in the block reductions, on the odd-shape path tests only (racecheck
+# is slower than memcheck, and those tests cover every kernel variant: row widths, misalignment, dtypes).
+if [[ -n "$SAN" ]] && (($(left) > 40)); then
+  stage racecheck $(($(left) - 10)) "PYTORCH_NO_CUDA_MEMORY_CACHING=1 '$SAN' --tool racecheck --racecheck-report all --error-exitcode 9 \
+    $PY -m pytest -q -x -p no:cacheprovider tests/test_cuda_kernels.py -k 'paths'"
+else
+  echo "=== [racecheck] skipped (compute-sanitizer: '${SAN:-missing}', $(left)s left)" | tee -a "$SUMMARY"
 fi
 
 echo
