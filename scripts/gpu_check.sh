@@ -65,12 +65,13 @@ stage cuda_bench 150 "$PY -m pytest -q benchmarks -k cuda -p no:cacheprovider --
 
 stage bench_table 30 "$PY scripts/bench_table.py '$OUT/bench_cuda.json'"
 
-# Memory checking is slow (each kernel launch is instrumented), so it runs last, on the fast tests
+# Memory checking is slow (each kernel launch is instrumented), so it runs last (memcheck gets 60% of
+# the time left, racecheck the rest), on the fast tests
 # only, and only with time to spare. The caching allocator hides out-of-bounds accesses inside its
 # blocks; PYTORCH_NO_CUDA_MEMORY_CACHING=1 makes every tensor its own allocation.
 SAN=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
 if [[ -n "$SAN" ]] && (($(left) > 60)); then
-  stage memcheck $(($(left) - 10)) "PYTORCH_NO_CUDA_MEMORY_CACHING=1 '$SAN' --tool memcheck --leak-check no --error-exitcode 9 \
+  stage memcheck $(( ($(left) - 20) * 6 / 10 )) "PYTORCH_NO_CUDA_MEMORY_CACHING=1 '$SAN' --tool memcheck --leak-check no --error-exitcode 9 \
     $PY -m pytest -q -x -p no:cacheprovider tests/test_cuda_kernels.py \
     -k 'not beyond_int32 and not deterministic and not no_host_sync'"
 else
