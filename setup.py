@@ -68,8 +68,9 @@ def _extensions():
     define_macros = []
     if os.environ.get("FASTADAPT_SANITIZE"):
         # vptr checks need RTTI of torch's (uninstrumented) classes and give false reports; every UBSan
-        # report aborts (no recovery), so a report cannot scroll past unnoticed.
-        cxx += ["-fsanitize=address,undefined", "-fno-sanitize=vptr", "-fno-sanitize-recover=all",
+        # report aborts (no recovery), so a report cannot scroll past unnoticed; -fno-wrapv undoes
+        # Python's -fwrapv so that a signed overflow (an int32 offset, say) is reported, not wrapped.
+        cxx += ["-fsanitize=address,undefined", "-fno-sanitize=vptr", "-fno-sanitize-recover=all", "-fno-wrapv",
                 "-fno-omit-frame-pointer", "-O1", "-g"]
     cuda_archs = ""
     if use_cuda:
