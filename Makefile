@@ -52,7 +52,8 @@ gpu-check:
 	bash scripts/gpu_check.sh
 
 # ---- sanitize: the CPU extension built with AddressSanitizer + UBSan, and the kernel tests run under it.
-# The tree is copied to build/sanitize/src (tar keeps mtimes, so the second build is incremental) and
+# The tree is copied to build/sanitize/src (only files whose content changed, so the second build is
+# incremental and never misses an edit) and
 # built there, so the normal in-place fastadapt/_C*.so is never touched. torch and python are not
 # instrumented: the ASan runtime is preloaded, leak checking is off (the interpreter leaks at exit),
 # and FASTADAPT_CPU_CACHE_MB=0 turns off the gradient-block cache so every buffer is a fresh
@@ -80,7 +81,8 @@ sanitize: $(SAN_DEPS)
 	@for lib in $(SAN_LIBS); do test -f $$lib || { echo "sanitize: $$lib missing (install gcc's libasan/libubsan)"; exit 1; }; done
 	rm -rf $(SAN_SRC)/tests $(SAN_SRC)/fastadapt/*.py $(SAN_SRC)/fastadapt/training && mkdir -p $(SAN_SRC)
 	git ls-files -z --cached --others --exclude-standard -- csrc fastadapt tests setup.py pyproject.toml README.md \
-		| tar --null -T - --ignore-failed-read -cf - | tar -xf - -C $(SAN_SRC)
+		| while IFS= read -r -d '' f; do test -f "$$f" || continue; cmp -s "$$f" "$(SAN_SRC)/$$f" \
+		|| { mkdir -p "$(SAN_SRC)/$$(dirname "$$f")" && cp "$$f" "$(SAN_SRC)/$$f"; }; done
 	cd $(SAN_SRC) && FASTADAPT_SANITIZE=1 FASTADAPT_CUDA=0 $(abspath $(PY)) setup.py -q build_ext --inplace
 	cd $(SAN_SRC) && $(SAN_ENV) $(abspath $(PY)) -c "import fastadapt, fastadapt._extension as e; \
 		assert e._C is not None, e._load_error; f = e._C.__file__; assert '/$(SAN_SRC)/' in f, f; print('sanitized:', f)"
