@@ -80,7 +80,7 @@ sanitize: SHELL := /bin/bash
 sanitize: $(SAN_DEPS)
 	@for lib in $(SAN_LIBS); do test -f $$lib || { echo "sanitize: $$lib missing (install gcc's libasan/libubsan)"; exit 1; }; done
 	rm -rf $(SAN_SRC)/tests $(SAN_SRC)/fastadapt/*.py $(SAN_SRC)/fastadapt/training && mkdir -p $(SAN_SRC)
-	git ls-files -z --cached --others --exclude-standard -- csrc fastadapt tests setup.py pyproject.toml README.md \
+	git ls-files -z --cached --others --exclude-standard -- csrc fastadapt tests docs setup.py pyproject.toml README.md \
 		| while IFS= read -r -d '' f; do test -f "$$f" || continue; cmp -s "$$f" "$(SAN_SRC)/$$f" \
 		|| { mkdir -p "$(SAN_SRC)/$$(dirname "$$f")" && cp "$$f" "$(SAN_SRC)/$$f"; }; done
 	cd $(SAN_SRC) && FASTADAPT_SANITIZE=1 FASTADAPT_CUDA=0 $(abspath $(PY)) setup.py -q build_ext --inplace
