@@ -10,7 +10,7 @@ SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -na
 export MAX_JOBS ?= 2
 PYTEST_ARGS ?=
 
-.PHONY: all setup build test demo bench bench-smoke gpu-check info clean
+.PHONY: all setup build test demo bench bench-smoke gpu-check info clean sanitize
 
 all: test
 
@@ -50,6 +50,49 @@ info: $(BUILT)
 
 gpu-check:
 	bash scripts/gpu_check.sh
+
+# ---- sanitize: the CPU extension built with AddressSanitizer + UBSan, and the kernel tests run under it.
+# The tree is copied to build/sanitize/src (only files whose content changed, so the second build is
+# incremental and never misses an edit) and
+# built there, so the normal in-place fastadapt/_C*.so is never touched. torch and python are not
+# instrumented: the ASan runtime is preloaded, leak checking is off (the interpreter leaks at exit),
+# and FASTADAPT_CPU_CACHE_MB=0 turns off the gradient-block cache so every buffer is a fresh
+# allocation (the cache would hide a use-after-free, as the CUDA caching allocator does). Any report
+# fails the target: ASan and UBSan abort the process (-fno-sanitize-recover), and the log is also
+# grepped for reports. pytest captures only sys.stdout/err (--capture=sys): with fd capture, the report
+# of a process that aborts mid-test would be lost.
+SAN_DIR   := build/sanitize
+# SAN_DEPS= (empty) uses an existing environment as is: make sanitize PY=/path/to/python SAN_DEPS=
+SAN_DEPS  ?= $(DEPS)
+SAN_SRC   := $(SAN_DIR)/src
+SAN_TESTS ?= tests/test_alpha_weighted_cross_entropy.py tests/test_alpha_weighted_mse.py tests/test_linear_relu.py \
+             tests/test_properties.py tests/test_determinism.py tests/test_error_table.py tests/test_extension.py
+SAN_PYTEST_ARGS ?= -m "not slow and not cuda"
+# the cache's own test runs on its own, with the cache on (the main run turns it off)
+SAN_CACHE_TEST := tests/test_extension.py::test_cpu_gradient_cache_reuses_and_releases
+SAN_LIBS   = $(shell gcc -print-file-name=libasan.so) $(shell gcc -print-file-name=libubsan.so)
+SAN_ENV    = LD_PRELOAD="$(SAN_LIBS)" \
+	ASAN_OPTIONS=detect_leaks=0:alloc_dealloc_mismatch=0:verify_asan_link_order=0:halt_on_error=1:abort_on_error=0:exitcode=86:detect_stack_use_after_return=0 \
+	UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1:exitcode=87 \
+	FASTADAPT_CUDA=0 PYTHONPATH=$(abspath $(SAN_SRC)) PYTHONDONTWRITEBYTECODE=1
+
+sanitize: SHELL := /bin/bash
+sanitize: $(SAN_DEPS)
+	@for lib in $(SAN_LIBS); do test -f $$lib || { echo "sanitize: $$lib missing (install gcc's libasan/libubsan)"; exit 1; }; done
+	rm -rf $(SAN_SRC)/tests $(SAN_SRC)/fastadapt/*.py $(SAN_SRC)/fastadapt/training && mkdir -p $(SAN_SRC)
+	git ls-files -z --cached --others --exclude-standard -- csrc fastadapt tests docs setup.py pyproject.toml README.md \
+		| while IFS= read -r -d '' f; do test -f "$$f" || continue; cmp -s "$$f" "$(SAN_SRC)/$$f" \
+		|| { mkdir -p "$(SAN_SRC)/$$(dirname "$$f")" && cp "$$f" "$(SAN_SRC)/$$f"; }; done
+	cd $(SAN_SRC) && FASTADAPT_SANITIZE=1 FASTADAPT_CUDA=0 $(abspath $(PY)) setup.py -q build_ext --inplace
+	cd $(SAN_SRC) && $(SAN_ENV) $(abspath $(PY)) -c "import fastadapt, fastadapt._extension as e; \
+		assert e._C is not None, e._load_error; f = e._C.__file__; assert '/$(SAN_SRC)/' in f, f; print('sanitized:', f)"
+	ldd $(SAN_SRC)/fastadapt/_C*.so | grep -q libasan
+	cd $(SAN_SRC) && set -o pipefail; $(SAN_ENV) FASTADAPT_CPU_CACHE_MB=0 $(abspath $(PY)) -m pytest -q -p no:cacheprovider --capture=sys \
+		$(SAN_PYTEST_ARGS) --deselect $(SAN_CACHE_TEST) $(wildcard $(SAN_TESTS)) 2>&1 | tee ../sanitize.log
+	cd $(SAN_SRC) && set -o pipefail; $(SAN_ENV) $(abspath $(PY)) -m pytest -q -p no:cacheprovider --capture=sys $(SAN_CACHE_TEST) \
+		2>&1 | tee -a ../sanitize.log
+	! grep -nE "ERROR: AddressSanitizer|runtime error:|ERROR: LeakSanitizer|SUMMARY: UndefinedBehaviorSanitizer" $(SAN_DIR)/sanitize.log
+	@echo "sanitize: no AddressSanitizer/UBSan reports"
 
 clean:
 	rm -rf build *.egg-info fastadapt/_C*.so $(BUILT)

@@ -67,7 +67,11 @@ def _extensions():
     cxx = ["-O3"]  # torch's cpp_extension adds the C++ standard its headers need
     define_macros = []
     if os.environ.get("FASTADAPT_SANITIZE"):
-        cxx += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-O1", "-g"]
+        # vptr checks need RTTI of torch's (uninstrumented) classes and give false reports; every UBSan
+        # report aborts (no recovery), so a report cannot scroll past unnoticed; -fno-wrapv undoes
+        # Python's -fwrapv so that a signed overflow (an int32 offset, say) is reported, not wrapped.
+        cxx += ["-fsanitize=address,undefined", "-fno-sanitize=vptr", "-fno-sanitize-recover=all", "-fno-wrapv",
+                "-fno-omit-frame-pointer", "-O1", "-g"]
     cuda_archs = ""
     if use_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
@@ -84,7 +88,7 @@ def _extensions():
         ("FASTADAPT_TORCH_VERSION", f'"{torch.__version__}"'),
         ("FASTADAPT_CUDA_ARCHS", f'"{cuda_archs}"'),
     ]
-    link_args = ["-fsanitize=address,undefined"] if os.environ.get("FASTADAPT_SANITIZE") else []
+    link_args = ["-fsanitize=address,undefined", "-fno-sanitize=vptr"] if os.environ.get("FASTADAPT_SANITIZE") else []
     ext = ext_cls(
         "fastadapt._C",
         sources,

@@ -105,3 +105,16 @@ def check_mse_side(side, pred, target):
 def check_same_dtype(name_a, a, name_b, b):
     if a.dtype != b.dtype:
         raise TypeError(f"{name_b} has dtype {b.dtype} but {name_a} has dtype {a.dtype}; they must match")
+
+
+def check_labels_in_range(name, labels, classes, ignore_index):
+    """The compiled CPU kernel's label check, for the fallback on the CPU (on CUDA it would cost a sync,
+    and the CUDA kernels give a NaN loss instead): same exception, same message."""
+    if labels.device.type != "cpu" or labels.numel() == 0 or torch.compiler.is_compiling():
+        return
+    flat = labels.reshape(-1)
+    bad = (flat != ignore_index) & ((flat < 0) | (flat >= classes))
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise IndexError(f"{name} contains the label {int(flat[i])} (at flat position {i}), outside [0, {classes}) "
+                         f"and not ignore_index ({ignore_index})")

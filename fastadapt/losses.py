@@ -37,6 +37,12 @@ def alpha_weighted_cross_entropy(source_logits, source_labels, target_logits, ta
         out0, out1 = torch.ops.fastadapt.alpha_weighted_cross_entropy(
             source_logits, source_labels, target_logits, target_labels, a, ignore_index, float(label_smoothing), red)
         return (out0, out1) if red == 0 else out0
+    if a.device.type == "cpu" and not torch.compiler.is_compiling():
+        # as the compiled CPU kernel: a named IndexError, checked only on sides whose weight is not 0
+        if float(a) != 1.0:
+            V.check_labels_in_range("source_labels", source_labels, source_logits.shape[-1], ignore_index)
+        if float(a) != 0.0:
+            V.check_labels_in_range("target_labels", target_labels, target_logits.shape[-1], ignore_index)
     return reference.alpha_weighted_cross_entropy(
         source_logits, source_labels, target_logits, target_labels, alpha if not isinstance(alpha, torch.Tensor) else a,
         ignore_index=ignore_index, label_smoothing=float(label_smoothing), reduction=reduction)

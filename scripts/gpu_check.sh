@@ -8,6 +8,7 @@
 #   4. scripts/cuda_smoke.py: parity of every op and dtype + CE bandwidth vs copy and eager
 #   5. CUDA tests (pytest -m cuda)    6. CUDA benchmarks (pytest-benchmark JSON)    7. benchmark table
 #   8. compute-sanitizer memcheck over tests/test_cuda_kernels.py, only if time is left
+#   9. compute-sanitizer racecheck over the odd-shape path tests, only if time is left
 # Everything lands in $OUT: one log per stage, bench_cuda.json, cuda_tests.xml and summary.txt.
 # Budget: about 8 minutes in all (GPU_CHECK_BUDGET seconds, default 470).
 set -u -o pipefail
@@ -64,16 +65,25 @@ stage cuda_bench 150 "$PY -m pytest -q benchmarks -k cuda -p no:cacheprovider --
 
 stage bench_table 30 "$PY scripts/bench_table.py '$OUT/bench_cuda.json'"
 
-# Memory checking is slow (each kernel launch is instrumented), so it runs last, on the fast tests
+# Memory checking is slow (each kernel launch is instrumented), so it runs last (memcheck gets 60% of
+# the time left, racecheck the rest), on the fast tests
 # only, and only with time to spare. The caching allocator hides out-of-bounds accesses inside its
 # blocks; PYTORCH_NO_CUDA_MEMORY_CACHING=1 makes every tensor its own allocation.
 SAN=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
 if [[ -n "$SAN" ]] && (($(left) > 60)); then
-  stage memcheck $(($(left) - 10)) "PYTORCH_NO_CUDA_MEMORY_CACHING=1 '$SAN' --tool memcheck --leak-check no --error-exitcode 9 \
+  stage memcheck $(( ($(left) - 20) * 6 / 10 )) "PYTORCH_NO_CUDA_MEMORY_CACHING=1 '$SAN' --tool memcheck --leak-check no --error-exitcode 9 \
     $PY -m pytest -q -x -p no:cacheprovider tests/test_cuda_kernels.py \
     -k 'not beyond_int32 and not deterministic and not no_host_sync'"
 else
   echo "=== [memcheck] skipped (compute-sanitizer: '${SAN:-missing}', $(left)s left)" | tee -a "$SUMMARY"
+fi
+# racecheck: shared-memory hazards in the block reductions, on the odd-shape path tests only (racecheck
+# is slower than memcheck, and those tests cover every kernel variant: row widths, misalignment, dtypes).
+if [[ -n "$SAN" ]] && (($(left) > 40)); then
+  stage racecheck $(($(left) - 10)) "PYTORCH_NO_CUDA_MEMORY_CACHING=1 '$SAN' --tool racecheck --racecheck-report all --error-exitcode 9 \
+    $PY -m pytest -q -x -p no:cacheprovider tests/test_cuda_kernels.py -k 'paths'"
+else
+  echo "=== [racecheck] skipped (compute-sanitizer: '${SAN:-missing}', $(left)s left)" | tee -a "$SUMMARY"
 fi
 
 echo
