@@ -155,12 +155,12 @@ def headline(runs):
                 if not xs:
                     return ""
                 lo, hi = min(xs), max(xs)
-                return (f"{lo[0]:.2g}x-{hi[0]:.2g}x {who} ({lo[1]} .. {hi[1]})" if len(xs) > 1
-                        else f"{lo[0]:.2g}x {who} ({lo[1]})")
+                return (f"{who} {lo[0]:.2g}x ({lo[1]}) to {hi[0]:.2g}x ({hi[1]})" if len(xs) > 1
+                        else f"{who} {lo[0]:.2g}x ({lo[1]})")
             parts = [p for p in (rng(e, "eager"), rng(c, "torch.compile")) if p]
             if parts:
                 out.append(f"- **{op}** ({label}, forward + backward / training), fastadapt's speed-up over "
-                           + "; over ".join(parts) + " (> 1x: fastadapt is faster)")
+                           + ", over ".join(parts) + "; > 1x: fastadapt is faster")
     return out
 
 
