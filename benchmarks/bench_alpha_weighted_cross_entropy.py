@@ -40,17 +40,28 @@ def liger_available():
         return False, "Liger-Kernel is Triton/CUDA only"
     try:
         from liger_kernel.ops.cross_entropy import LigerCrossEntropyFunction  # noqa: F401
-    except Exception as exc:  # noqa: BLE001
-        return False, f"import liger_kernel failed: {type(exc).__name__}: {exc}"[:300]
+        x = torch.randn(4, 8, device="cuda", requires_grad=True)
+        liger_loss(x, torch.zeros(4, dtype=torch.long, device="cuda"), x.detach().clone().requires_grad_(),
+                   torch.ones(4, dtype=torch.long, device="cuda"), ALPHA).backward()
+    except Exception as exc:  # noqa: BLE001  (no wheel, Triton too old for it, ...)
+        return False, f"Liger-Kernel cannot run here: {type(exc).__name__}: {exc}"[:300]
     return True, ""
 
 
+def _liger_ce(logits, labels):
+    from liger_kernel.ops.cross_entropy import LigerCrossEntropyFunction
+    # (input, target, weight, ignore_index, lse_square_scale, label_smoothing, reduction, softcap,
+    #  return_z_loss, return_token_accuracy, return_predicted_tokens): plain mean cross-entropy
+    out = LigerCrossEntropyFunction.apply(logits, labels, None, -100, 0.0, 0.0, "mean", None, False, False, False)
+    return out[0] if isinstance(out, tuple) else out
+
+
 def liger_loss(sl, sy, tl, ty, alpha):
-    # Liger computes the gradient during the forward pass and stores it in the logits' memory (its
-    # memory saving), so repeated calls overwrite sl / tl: harmless for timing.
-    from liger_kernel.transformers.functional import liger_cross_entropy
+    """The same alpha-weighted loss from two Liger cross-entropies. Liger computes the gradient during
+    the forward pass and stores it in the logits' memory (its memory saving), so repeated calls
+    overwrite sl / tl, which is harmless for timing; it does so under torch.no_grad too."""
     a = float(alpha)
-    return a * liger_cross_entropy(tl, ty) + (1 - a) * liger_cross_entropy(sl, sy)
+    return a * _liger_ce(tl, ty) + (1 - a) * _liger_ce(sl, sy)
 
 
 def make_fn(impl, smoke=False):
