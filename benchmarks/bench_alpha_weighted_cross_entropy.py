@@ -9,13 +9,17 @@ Traffic floor per call (float32, per side): forward reads the logits once (4 N C
 backward also writes their gradient once (8 N C bytes). achieved_GBps divides the floor of both
 sides by the median time; pct_of_limit compares it with the measured copy bandwidth.
 """
+import os
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-import fastadapt
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))  # as a script
+import fastadapt  # noqa: E402
 from common import IMPLS, bench_op, fresh_compile
-from devices import CUDA, DEVICES
+from devices import CUDA, DEVICES  # noqa: E402
 
 # small classification up to language-model vocabularies; 4096x128256 needs 8 GB (GPU only), the
 # CPU gets 1024x128256 instead (the eager formula takes seconds per call there)
@@ -119,3 +123,16 @@ def test_cross_entropy(benchmark, mode, impl, shape, device):
     elif shape in (CUDA_ONLY if device == "cpu" else CPU_ONLY):
         pytest.skip(f"{shape} runs on {'cuda' if device == 'cpu' else 'cpu'} only")
     ce_case(benchmark, impl, mode, device, n, c, shape, memory=n * c >= 1 << 20)
+
+
+if __name__ == "__main__":  # `python benchmarks/bench_alpha_weighted_cross_entropy.py --liger-status`
+    if sys.argv[1:] != ["--liger-status"]:
+        sys.exit("usage: bench_alpha_weighted_cross_entropy.py --liger-status")
+    ok, why = liger_available()
+    try:
+        import liger_kernel
+        import triton
+        where = f"Liger-Kernel {getattr(liger_kernel, '__version__', '')} (Triton {triton.__version__})"
+    except Exception:  # noqa: BLE001
+        where = "Liger-Kernel"
+    print(f"{where}: {'runs here, measured as impl liger' if ok else why}")

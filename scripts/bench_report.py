@@ -122,6 +122,8 @@ def header(runs, commands, notes):
         lines += [f"    {c}" for c in commands]
         lines.append("")
     for n in notes:
+        if not n.strip():
+            continue
         lines.append(f"> {n}")
         lines.append("")
     lines.append("How to read: times are medians over the rounds (warm-up rounds excluded; first calls, torch.compile's "
@@ -289,7 +291,7 @@ def splice(text, block, marker):
     new = f"{start}\n{block.rstrip()}\n{end}"
     if start in text and end in text and text.index(start) < text.index(end):
         return text[: text.index(start)] + new + text[text.index(end) + len(end):]
-    return text.rstrip() + "\n\n" + new + "\n"
+    return (text.rstrip() + "\n\n" if text.strip() else "") + new + "\n"
 
 
 def main(argv=None):
@@ -301,6 +303,7 @@ def main(argv=None):
     ap.add_argument("--note", action="append", default=[], help="a line to add under the header (repeatable)")
     ap.add_argument("--marker", default="generated")
     ap.add_argument("--title", default="Measured results")
+    ap.add_argument("--no-skeleton", action="store_true", help="a new output file holds only the generated block")
     args = ap.parse_args(argv)
     runs = []
     for p in args.json:
@@ -316,7 +319,7 @@ def main(argv=None):
         return 1
     block = "\n".join([f"## {args.title}", ""] + header(runs, args.command, args.note)
                       + body(runs, args.plots, args.output))
-    text = open(args.output).read() if os.path.exists(args.output) else SKELETON
+    text = open(args.output).read() if os.path.exists(args.output) else ("" if args.no_skeleton else SKELETON)
     out = splice(text, block, args.marker)
     tmp = args.output + ".tmp"
     with open(tmp, "w") as f:
