@@ -46,7 +46,7 @@ demo: $(BUILT)
 # process start, hence its own process; loss kernels only, without the memory probes), then
 # BENCHMARKS.md (between its generated markers) and benchmarks/plots/*.png. About 15 minutes on 2 cores.
 # BENCH_BUDGET (seconds of timed rounds per measurement, default 2) trades time for precision.
-BENCH_PYTEST := -m pytest -q -p no:cacheprovider --benchmark-only --benchmark-columns=min,median,iqr,rounds
+BENCH_PYTEST := -m pytest -q -p no:cacheprovider --durations=10 --benchmark-only --benchmark-columns=min,median,iqr,rounds
 BENCH_THP    := benchmarks/bench_alpha_weighted_cross_entropy.py benchmarks/bench_alpha_weighted_mse.py
 bench: $(BUILT)
 	$(PY) $(BENCH_PYTEST) benchmarks --benchmark-json=benchmarks/results.json $(PYTEST_ARGS)

@@ -68,6 +68,9 @@ def hand_epoch(net, loss_fn, opt, t):
         opt.step()
         opt.zero_grad(set_to_none=True)
     net.eval()
+    # as many evaluations as fit(epochs=1) makes: source before; both sides after the epoch, twice
+    # (the epoch's validation, then the final accuracies)
+    _accuracy(net, *t.source_test), _accuracy(net, *t.target_test)
     return _accuracy(net, *t.source_test), _accuracy(net, *t.target_test)
 
 

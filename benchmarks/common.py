@@ -12,6 +12,8 @@ import time
 
 import torch
 
+import fastadapt
+
 IMPLS = ["eager", "fastadapt", "compile"]
 THP = os.environ.get("THP_MEM_ALLOC_ENABLE", "0") == "1"
 
@@ -128,7 +130,8 @@ def peak_extra_memory(setup_code, step_code, device="cpu"):
     warm-up step, so that a torch.compile warm-up, which needs far more memory than a step, does not
     mask the step's own peak; falls back to ru_maxrss deltas where clear_refs is not writable.
     CUDA: torch.cuda.max_memory_allocated after reset_peak_memory_stats, minus what is allocated
-    before the step.
+    before the step. The step's outputs (gradients) count: del_grads() must release them, and any
+    cache that would keep their memory between steps, so that the step allocates them again.
     """
     code = textwrap.dedent(f"""
         import json, re, resource, torch, fastadapt, torch.nn.functional as F
@@ -278,6 +281,7 @@ def bench_op(benchmark, *, impl, mode, device, fn, args, case, memory=False, flo
         try:
             if device == "cuda":
                 _clear_grads(args)
+                getattr(fastadapt, "empty_cache", lambda: None)()
                 sync(device)
                 torch.cuda.reset_peak_memory_stats()
                 before = torch.cuda.memory_allocated()
@@ -292,10 +296,11 @@ def bench_op(benchmark, *, impl, mode, device, fn, args, case, memory=False, flo
                     sys.path[:0] = [{BENCH_DIR!r}, {TESTS_DIR!r}]
                     from {module} import case
                     fn, args = case(impl={impl!r}, device='cpu', **{kwargs!r})
-                    def del_grads():
+                    def del_grads():  # and fastadapt's gradient cache: the step must own its memory
                         for a in args:
                             if isinstance(a, torch.Tensor) and a.requires_grad:
                                 a.grad = None
+                        getattr(fastadapt, 'empty_cache', lambda: None)()
                     def step():
                         {{STEP}}
                 """
