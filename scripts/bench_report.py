@@ -66,7 +66,13 @@ def shape_label(b):
 
 
 def mode_of(b):
-    return b.extra.get("mode") or b.params.get("mode") or ("epoch" if "epoch" in b.base else "fwd_bwd")
+    mode = b.extra.get("mode") or b.params.get("mode") or b.params.get("pass")
+    if mode:
+        return str(mode)
+    for token in ("epoch", "step"):
+        if token in b.base:
+            return token
+    return "fwd" if any(t in ("fwd", "forward") for t in b.key) else "fwd_bwd"
 
 
 def device_of(b):
@@ -166,6 +172,21 @@ def headline(runs):
     return out
 
 
+def limit_pct(extra):
+    """(% of the machine limit, which limit) from extra_info: recorded, else derived from the usual keys."""
+    if isinstance(extra.get("pct_of_limit"), (int, float)):
+        return extra["pct_of_limit"], extra.get("limit", "")
+    num = lambda *keys: next((extra[k] for k in keys if isinstance(extra.get(k), (int, float))), None)  # noqa: E731
+    bw, ceil = num("achieved_GBps"), num("copy_GBps")
+    if bw and ceil:
+        return 100 * bw / ceil, "copy bandwidth"
+    fl = num("achieved_GFLOPs", "achieved_GFLOPS", "GFLOPs", "gflops")
+    mm = num("gemm_GFLOPs", "gemm_GFLOPS", "mm_GFLOPs", "mm_GFLOPS", "torch_mm_GFLOPs", "peak_GFLOPs")
+    if fl and mm:
+        return 100 * fl / mm, "torch.mm"
+    return None, ""
+
+
 def main_table(rows, sib):
     lines = ["| shape | impl | median (IQR) | vs eager | vs compile | peak extra | achieved | % of limit | first call |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -174,8 +195,7 @@ def main_table(rows, sib):
         iqr = b.stats.get("iqr")
         mem = fmt_bytes(b.extra.get("peak_extra_bytes")) if "peak_extra_bytes" in b.extra else (
             "error" if "peak_error" in b.extra else "")
-        pct = b.extra.get("pct_of_limit")
-        limit = b.extra.get("limit", "")
+        pct, limit = limit_pct(b.extra)
         first = b.extra.get("compile_s", b.extra.get("first_call_s"))
         first = (f"compile {first:.3g} s" if "compile_s" in b.extra else fmt_time(first)) if isinstance(first, (int, float)) else ""
         lines.append("| " + " | ".join([
