@@ -83,7 +83,7 @@ def test_adaptive_epoch(benchmark, impl):
     if impl == "fastadapt":
         def setup():
             state["trainer"] = AdaptiveTrainer(MLP(64, HIDDEN, 10), alpha=ALPHA, memory_size=MEMORY,
-                                               batch_size=BATCH, progress_bar=False, seed=0)
+                                               batch_size=BATCH, progress_bar=False, seed=0, device="cpu")
 
         def epoch():
             state["trainer"].fit(t.target_train, t.source_train,
