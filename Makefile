@@ -42,8 +42,24 @@ test: $(BUILT)
 demo: $(BUILT)
 	$(PY) -m fastadapt demo
 
+# The full suite, twice: the default CPU allocator, then PyTorch's huge-page allocator (read once at
+# process start, hence its own process; loss kernels only, without the memory probes), then
+# BENCHMARKS.md (between its generated markers) and benchmarks/plots/*.png. About 15 minutes on 2 cores.
+# BENCH_BUDGET (seconds of timed rounds per measurement, default 2) trades time for precision.
+BENCH_PYTEST := -m pytest -q -p no:cacheprovider --durations=10 --benchmark-only --benchmark-columns=min,median,iqr,rounds
+BENCH_THP    := benchmarks/bench_alpha_weighted_cross_entropy.py benchmarks/bench_alpha_weighted_mse.py
 bench: $(BUILT)
-	$(PY) -m pytest -q -p no:cacheprovider benchmarks --benchmark-only --benchmark-json=benchmarks/results.json
+	$(PY) $(BENCH_PYTEST) benchmarks --benchmark-json=benchmarks/results.json $(PYTEST_ARGS)
+	THP_MEM_ALLOC_ENABLE=1 BENCH_PEAK_MEMORY=0 $(PY) $(BENCH_PYTEST) $(BENCH_THP) \
+		--benchmark-json=benchmarks/results_thp.json $(PYTEST_ARGS)
+	$(PY) scripts/bench_report.py benchmarks/results.json benchmarks/results_thp.json -o BENCHMARKS.md \
+		--plots benchmarks/plots --command "make bench  # BENCH_BUDGET=$${BENCH_BUDGET:-2}" \
+		--command "python $(BENCH_PYTEST) benchmarks --benchmark-json=benchmarks/results.json $(PYTEST_ARGS)" \
+		--command "THP_MEM_ALLOC_ENABLE=1 BENCH_PEAK_MEMORY=0 python $(BENCH_PYTEST) $(BENCH_THP) --benchmark-json=benchmarks/results_thp.json $(PYTEST_ARGS)"
+
+# Every benchmark once, small shapes, no timings (what `make test` runs too).
+bench-smoke: $(BUILT)
+	$(PY) -m pytest -q -p no:cacheprovider benchmarks --benchmark-disable $(PYTEST_ARGS)
 
 info: $(BUILT)
 	$(PY) -m fastadapt info

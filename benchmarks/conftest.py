@@ -7,3 +7,4 @@ from devices import DEVICES, skip_cuda_items_without_gpu  # noqa: E402,F401  (DE
 
 def pytest_collection_modifyitems(config, items):
     skip_cuda_items_without_gpu(items)
+

@@ -11,6 +11,16 @@
 #   9. compute-sanitizer racecheck over the odd-shape path tests, only if time is left
 # Everything lands in $OUT: one log per stage, bench_cuda.json, cuda_tests.xml and summary.txt.
 # Budget: about 8 minutes in all (GPU_CHECK_BUDGET seconds, default 470).
+#
+# Benchmarks (stages liger, cuda_bench, cuda_report): Liger-Kernel's cross-entropy runs side by side
+# with fastadapt's when its pure-Python wheel is in .whl/ (the GPU machine has no network). Fetch it
+# here first, then carry the folder with the run (device tool):
+#     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#         --platform manylinux2014_x86_64 --platform any -d .whl liger-kernel
+#     run(command="OUT=$OUT bash scripts/gpu_check.sh", carry=[".whl"], timeout_s=600)
+# $OUT/BENCHMARKS_cuda.md (tables with the date and the GPU) and $OUT/plots/ come back for BENCHMARKS.md.
+# CUDA_BENCH_BUDGET (seconds of timed rounds per measurement, default 0.3) and CUDA_BENCH_K (pytest -k,
+# default: the per-op benchmarks without the size sweeps) size the benchmark stage.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 
@@ -61,9 +71,25 @@ stage smoke 90 "$PY scripts/cuda_smoke.py"
 
 stage cuda_tests 180 "$PY -m pytest -q -m cuda tests -p no:cacheprovider -rs --durations=15 --junitxml='$OUT/cuda_tests.xml'"
 
-stage cuda_bench 150 "$PY -m pytest -q benchmarks -k cuda -p no:cacheprovider --benchmark-only --benchmark-json='$OUT/bench_cuda.json'"
+# Liger-Kernel anchor: install the carried wheel into a private folder and probe it on this Triton;
+# the CE benchmark adds impl "liger" only when the probe passes, and the report quotes liger_status.txt.
+LIGER_WHL=$(ls .whl/liger_kernel-*.whl 2>/dev/null | head -1)
+if [[ -n "$LIGER_WHL" ]]; then
+  stage liger 60 "$PY -m pip install -q --no-index --no-deps --target /tmp/liger_site '$LIGER_WHL' && \
+    PYTHONPATH=/tmp/liger_site:\$PYTHONPATH $PY benchmarks/bench_alpha_weighted_cross_entropy.py --liger-status | tee '$OUT/liger_status.txt'"
+  export PYTHONPATH="/tmp/liger_site:$PYTHONPATH"
+else
+  echo "Liger-Kernel: not measured (no .whl/liger_kernel-*.whl was carried to this machine)" | tee "$OUT/liger_status.txt"
+  echo "=== [liger] skipped: no .whl/liger_kernel-*.whl" | tee -a "$SUMMARY"
+fi
+
+stage cuda_bench 240 "BENCH_BUDGET=${CUDA_BENCH_BUDGET:-0.3} $PY -m pytest -q benchmarks -k '${CUDA_BENCH_K:-cuda and not sweep}' -p no:cacheprovider --benchmark-only --benchmark-columns=min,median,iqr,rounds --benchmark-json='$OUT/bench_cuda.json'"
 
 stage bench_table 30 "$PY scripts/bench_table.py '$OUT/bench_cuda.json'"
+
+stage cuda_report 60 "$PY scripts/bench_report.py '$OUT/bench_cuda.json' -o '$OUT/BENCHMARKS_cuda.md' --plots '$OUT/plots' \
+  --marker generated-cuda --no-skeleton --title \"Measured results: CUDA, \$(date -u +%F), \$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)\" \
+  --command 'OUT=... bash scripts/gpu_check.sh  (stage cuda_bench)' --note \"\$(cat '$OUT/liger_status.txt' 2>/dev/null)\""
 
 # Memory checking is slow (each kernel launch is instrumented), so it runs last (memcheck gets 60% of
 # the time left, racecheck the rest), on the fast tests
