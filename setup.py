@@ -64,7 +64,11 @@ def _extensions():
     # it meets, which must be the portable one (ATen's CPU_CAPABILITY scheme relies on the same rule).
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp") + glob.glob("csrc/autograd/*.cpp"))
     sources += sorted(glob.glob("csrc/cpu/vec/*.cpp"))
-    cxx = ["-O3"]  # torch's cpp_extension adds the C++ standard its headers need
+    # torch's cpp_extension adds the C++ standard its headers need. -fopenmp is not optional: with
+    # ATen's OpenMP backend, at::parallel_for is a header template around `#pragma omp parallel`, and
+    # without the flag every kernel here silently runs on one thread. The libgomp.so.1 it links is the
+    # one torch already loaded (torch/lib/libgomp.so.1, same soname), so there is one thread pool.
+    cxx = ["-O3", "-fopenmp"]
     define_macros = []
     if os.environ.get("FASTADAPT_SANITIZE"):
         # vptr checks need RTTI of torch's (uninstrumented) classes and give false reports; every UBSan
@@ -88,7 +92,9 @@ def _extensions():
         ("FASTADAPT_TORCH_VERSION", f'"{torch.__version__}"'),
         ("FASTADAPT_CUDA_ARCHS", f'"{cuda_archs}"'),
     ]
-    link_args = ["-fsanitize=address,undefined", "-fno-sanitize=vptr"] if os.environ.get("FASTADAPT_SANITIZE") else []
+    link_args = ["-fopenmp"]
+    if os.environ.get("FASTADAPT_SANITIZE"):
+        link_args += ["-fsanitize=address,undefined", "-fno-sanitize=vptr"]
     ext = ext_cls(
         "fastadapt._C",
         sources,

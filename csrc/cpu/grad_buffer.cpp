@@ -34,13 +34,16 @@ Cache& cache() {
   return *c;
 }
 
-void* take(int64_t bytes) {
+// A cached block of at least `bytes` and at most twice that (so batches of varying size reuse
+// memory without pinning blocks far larger than they need); `bytes` is updated to the block's size.
+void* take(int64_t& bytes) {
   {
     auto& c = cache();
     std::lock_guard<std::mutex> g(c.mu);
-    auto it = c.idle.find(bytes);
-    if (it != c.idle.end()) {
+    auto it = c.idle.lower_bound(bytes);
+    if (it != c.idle.end() && it->first <= 2 * bytes) {
       void* p = it->second;
+      bytes = it->first;
       c.idle.erase(it);
       c.idle_bytes -= bytes;
       return p;
@@ -75,7 +78,7 @@ at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options) 
   for (auto s : sizes) numel *= s;
   const int64_t need = numel * static_cast<int64_t>(c10::elementSize(c10::typeMetaToScalarType(options.dtype())));
   if (need < kMinBytes || cache().limit <= 0) return at::empty(sizes, options);
-  const int64_t bytes = (need + kHuge - 1) / kHuge * kHuge;
+  int64_t bytes = (need + kHuge - 1) / kHuge * kHuge;
   void* p = take(bytes);
   return at::from_blob(p, sizes, [bytes](void* q) { give_back(q, bytes); }, options);
 }

@@ -4,7 +4,8 @@
 // faults, five times what copying it costs, and glibc returns every block that large to the kernel
 // on free. So gradients of at least kMinBytes come from a small cache of 2 MB-aligned blocks advised
 // MADV_HUGEPAGE: the first touch faults once per 2 MB instead of once per 4 KB, and a block freed by
-// one training step is reused by the next without faulting at all. The cache holds at most
+// one training step is reused by the next without faulting at all (best fit, up to twice the
+// requested size, so batches of varying length reuse blocks too). The cache holds at most
 // FASTADAPT_CPU_CACHE_MB (default 2048) of idle blocks; fastadapt.empty_cache() releases them.
 #pragma once
 #include <ATen/core/Tensor.h>
