@@ -4,6 +4,8 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/DispatchKeySet.h>
 
+#include <optional>
+
 namespace fastadapt {
 
 // True while torch.compile / opcheck traces (fake or functional tensors): the node must then stay
@@ -17,6 +19,12 @@ inline bool is_traced(const at::Tensor& t) {
 template <typename Sig>
 c10::TypedOperatorHandle<Sig> op_handle(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+// An incoming gradient as a `Tensor?` argument: autograd passes undefined tensors for outputs that
+// did not reach the loss.
+inline std::optional<at::Tensor> if_defined(const at::Tensor& t) {
+  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
 }
 
 // grad * grad_output for a gradient the forward already wrote for a unit grad_output. A unit

@@ -2,10 +2,8 @@
 import pytest
 import torch
 
-import fastadapt
-from fastadapt import _extension
-
-from devices import CUDA, DEVICES, skip_cuda_items_without_gpu  # noqa: F401  (DEVICES is re-exported)
+from devices import DEVICES, skip_cuda_items_without_gpu  # noqa: F401  (DEVICES is re-exported)
+from helpers import use_backend
 
 
 def pytest_collection_modifyitems(config, items):
@@ -13,15 +11,10 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(params=["compiled", "fallback"])
-def backend(request, monkeypatch):
+def backend(request):
     """Runs a test once through the compiled kernels and once through the pure-PyTorch fallback."""
-    if request.param == "compiled":
-        if not fastadapt.has_ops():
-            pytest.skip("compiled extension not loaded: " + str(_extension._load_error))
-    else:
-        monkeypatch.setattr(_extension, "_C", None)
-        monkeypatch.setattr(_extension, "_warned", True)
-    return request.param
+    with use_backend(request.param):
+        yield request.param
 
 
 @pytest.fixture(autouse=True)

@@ -1,5 +1,11 @@
-"""Comparison helpers shared by the op tests."""
+"""Comparison helpers and the backend switch shared by the op tests."""
+import contextlib
+
+import pytest
 import torch
+
+import fastadapt
+from fastadapt import _extension
 
 # (rtol, atol) against a float64 reference computed from the same (rounded) inputs.
 TOLERANCES = {
@@ -23,3 +29,20 @@ def assert_close(actual, expected, dtype, what, scale=1.0):
 
 def grad_or_zeros(t):
     return t.grad if t.grad is not None else torch.zeros_like(t)
+
+
+@contextlib.contextmanager
+def use_backend(name):
+    """Routes the public API through the compiled kernels ("compiled") or the pure-PyTorch fallback
+    ("fallback", as if the extension had failed to load, without the warning)."""
+    if name == "compiled":
+        if not fastadapt.has_ops():
+            pytest.skip("compiled extension not loaded: " + str(_extension._load_error))
+        yield
+        return
+    saved = _extension._C, _extension._warned
+    _extension._C, _extension._warned = None, True
+    try:
+        yield
+    finally:
+        _extension._C, _extension._warned = saved

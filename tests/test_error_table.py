@@ -5,18 +5,16 @@ tests/test_error_table.py > docs/ERRORS.md``), and test_docs_table_is_current fa
 drift apart. Each API row runs through the compiled kernels and through the fallback: the arguments are
 validated before either runs, so both raise the same thing. ``{tmp}`` stands for a scratch folder.
 """
-import contextlib
 import os
 import sys
 
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 import fastadapt
-from fastadapt import _extension, cli
-from fastadapt.training import checkpoint as C
+from helpers import use_backend
+from fastadapt import cli
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DOC = os.path.join(os.path.dirname(HERE), "docs", "ERRORS.md")
@@ -326,29 +324,12 @@ def _cli_files(tmp):
     _npz(tmp, "nan.npz", X=X, y=np.arange(8) % 2)
 
 
-@contextlib.contextmanager
-def _backend(name):
-    if name == "compiled":
-        if not fastadapt.has_ops():
-            pytest.skip("compiled extension not loaded")
-        yield
-        return
-    saved = _extension._C, _extension._warned
-    _extension._C, _extension._warned = None, True
-    try:
-        yield
-    finally:
-        _extension._C, _extension._warned = saved
-
-
-
-
 @pytest.mark.parametrize("backend", ["compiled", "fallback"])
 @pytest.mark.parametrize("case", API_CASES, ids=[c[0] for c in API_CASES])
 def test_api_error(case, backend, tmp_path):
     case_id, _, fn, exc, message = case
     tmp = str(tmp_path)
-    with _backend(backend):
+    with use_backend(backend):
         with pytest.raises(exc) as info:
             fn(tmp)
     assert message.format(tmp=tmp) in str(info.value)

@@ -17,7 +17,7 @@ import textwrap
 import pytest
 import torch
 
-from fastadapt import MLP, ModelCheckpoint, TransferTrainer
+from fastadapt import MLP, ModelCheckpoint
 from fastadapt.training import checkpoint as C
 from fastadapt.training.surgery import load_pretrained
 

@@ -4,7 +4,6 @@ Each property runs through the compiled kernels and through the pure-PyTorch fal
 ``backend`` fixture cannot be combined with @given (function-scoped fixtures are set up once per
 test, not per example), so the backend is chosen by an explicit parameter and a context manager.
 """
-import contextlib
 
 import pytest
 import torch
@@ -13,26 +12,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fastadapt
-from fastadapt import _extension
+from helpers import use_backend
 
 SETTINGS = settings(max_examples=200, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 BACKENDS = ["compiled", "fallback"]
-
-
-@contextlib.contextmanager
-def use_backend(name):
-    if name == "compiled":
-        if not fastadapt.has_ops():
-            pytest.skip("compiled extension not loaded: " + str(_extension._load_error))
-        yield
-        return
-    saved = _extension._C, _extension._warned
-    _extension._C, _extension._warned = None, True
-    try:
-        yield
-    finally:
-        _extension._C, _extension._warned = saved
 
 
 def _gen(seed):

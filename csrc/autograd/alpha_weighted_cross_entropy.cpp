@@ -60,9 +60,9 @@ class AlphaWeightedCrossEntropy : public torch::autograd::Function<AlphaWeighted
     } else {
       static auto op = op_handle<BackwardSig>("fastadapt::_alpha_weighted_cross_entropy_backward");
       const std::array<bool, 2> mask = {need_s, need_t};
-      std::optional<Tensor> g0 = grads[0].defined() ? std::optional<Tensor>(grads[0]) : std::nullopt;
-      std::optional<Tensor> g1 = reduction == kNone && grads[1].defined() ? std::optional<Tensor>(grads[1])
-                                                                           : std::nullopt;
+      // the second output carries no data unless the reduction is none
+      const std::optional<Tensor> g0 = if_defined(grads[0]);
+      const std::optional<Tensor> g1 = reduction == kNone ? if_defined(grads[1]) : std::nullopt;
       std::tie(gs, gt) = op.call(g0, g1, saved[0], saved[1], saved[2], saved[3], sd["alpha"].toTensor(),
                                  sd["lse_s"].toTensor(), sd["lse_t"].toTensor(), sd["counts"].toTensor(),
                                  sd["ignore"].toInt(), sd["eps"].toDouble(), reduction, mask);

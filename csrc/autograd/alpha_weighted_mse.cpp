@@ -53,9 +53,9 @@ class AlphaWeightedMse : public torch::autograd::Function<AlphaWeightedMse> {
       if (need[2] || need[3]) gt = scale_saved_grad(saved[5], grads[0]);
     } else {
       static auto op = op_handle<BackwardSig>("fastadapt::_alpha_weighted_mse_backward");
-      std::optional<Tensor> g0 = grads[0].defined() ? std::optional<Tensor>(grads[0]) : std::nullopt;
-      std::optional<Tensor> g1 = reduction == kNone && grads[1].defined() ? std::optional<Tensor>(grads[1])
-                                                                           : std::nullopt;
+      // the second output carries no data unless the reduction is none
+      const std::optional<Tensor> g0 = if_defined(grads[0]);
+      const std::optional<Tensor> g1 = reduction == kNone ? if_defined(grads[1]) : std::nullopt;
       std::tie(gs, gt) = op.call(g0, g1, saved[0], saved[1], saved[2], saved[3], sd["alpha"].toTensor(), reduction,
                                  {need[0] || need[1], need[2] || need[3]});
     }

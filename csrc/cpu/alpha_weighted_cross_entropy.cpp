@@ -32,13 +32,6 @@ namespace {
 
 using at::Tensor;
 
-template <typename acc_t>
-const LossRowFns<acc_t>& fns();
-template <>
-const LossRowFns<float>& fns<float>() { return row_fns_float(); }
-template <>
-const LossRowFns<double>& fns<double>() { return row_fns_double(); }
-
 // Row-wise forward for one dtype. row_loss[r] gets the unweighted loss (0 at ignored or skipped rows).
 // Work items are blocks of kBlockRows rows of one side; wide rows are then done one at a time.
 template <typename scalar_t>
@@ -46,7 +39,7 @@ void forward_rows(const CeSide& s, const CeSide& t, int64_t ignore, double eps, 
                   std::array<double, 2> grad_scale, std::vector<double>& row_loss, std::array<Tensor, 2>& lse) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
   constexpr bool kWiden = !std::is_same_v<scalar_t, acc_t>;
-  const auto& f = fns<acc_t>();
+  const auto& f = row_fns<acc_t>();
   const std::array<const CeSide*, 2> sides = {&s, &t};
   double* const lse_p[2] = {lse[0].data_ptr<double>(), lse[1].data_ptr<double>()};
   scalar_t* const grad_p[2] = {grads[0].numel() ? grads[0].data_ptr<scalar_t>() : nullptr,
@@ -190,7 +183,7 @@ void backward_rows(const CeSide& s, const CeSide& t, int64_t ignore, double eps,
                    const std::array<Tensor, 2>& lse) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
   constexpr bool kWiden = !std::is_same_v<scalar_t, acc_t>;
-  const auto& f = fns<acc_t>();
+  const auto& f = row_fns<acc_t>();
   const int64_t C = std::max(s.classes, t.classes);
   const double* const lse_p[2] = {lse[0].const_data_ptr<double>(), lse[1].const_data_ptr<double>()};
   scalar_t* const grad_p[2] = {grads[0].numel() ? grads[0].data_ptr<scalar_t>() : nullptr,

@@ -47,13 +47,6 @@ MseSide make_side(const Tensor& pred, const Tensor& target, double w) {
   return s;
 }
 
-template <typename acc_t>
-const LossRowFns<acc_t>& fns();
-template <>
-const LossRowFns<float>& fns<float>() { return row_fns_float(); }
-template <>
-const LossRowFns<double>& fns<double>() { return row_fns_double(); }
-
 // One pass over both sides: chunk sums into partial[], optional grad = scale*(x-y), optional
 // elem = w*(x-y)^2. Skipped (zero-weight) sides are not read.
 template <typename scalar_t>
@@ -61,7 +54,7 @@ void run_chunks(const std::array<const MseSide*, 2>& sides, std::array<Tensor, 2
                 std::array<Tensor, 2>& elem, std::vector<double>& partial) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
   constexpr bool kWiden = !std::is_same_v<scalar_t, acc_t>;
-  const auto& f = fns<acc_t>();
+  const auto& f = row_fns<acc_t>();
   const int64_t total = sides[0]->chunks + sides[1]->chunks;
   at::parallel_for(0, total, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> xs(kWiden ? kChunk : 0), ys(kWiden ? kChunk : 0), gs(kWiden ? kChunk : 0),

@@ -3,6 +3,7 @@
 // They work on contiguous float32/float64 rows; bf16 rows are widened into a float scratch row first.
 #pragma once
 #include <cstdint>
+#include <type_traits>
 
 namespace fastadapt::cpu {
 
@@ -33,6 +34,13 @@ constexpr int64_t kBlockRows = 16;
 
 const LossRowFns<float>& row_fns_float();
 const LossRowFns<double>& row_fns_double();
+
+// The kernels for an accumulation type, for code templated on it.
+template <typename T>
+const LossRowFns<T>& row_fns() {
+  if constexpr (std::is_same_v<T, float>) return row_fns_float();
+  else return row_fns_double();
+}
 
 // Per-capability builders, defined in csrc/cpu/vec/loss_rows_<cap>.cpp.
 namespace DEFAULT { LossRowFns<float> fns_float(); LossRowFns<double> fns_double(); }

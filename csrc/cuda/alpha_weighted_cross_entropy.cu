@@ -440,22 +440,36 @@ void launch_backward(CeArgs& p, at::ScalarType dtype, cudaStream_t stream) {
                                   [&] { launch_rows<scalar_t, true>(p, max_c, stream); });
 }
 
+// What forward and backward both need: checked arguments, the flattened sides, and the kernel
+// parameters that do not depend on the pass. Keeps the tensors the parameters point into alive.
+struct CeCall {
+  Tensor alpha_keep;
+  std::array<HostSide, 2> h;
+  CeArgs p;
+};
+
+CeCall prepare_call(const Tensor& sl, const Tensor& sy, const Tensor& tl, const Tensor& ty, const Tensor& alpha,
+                    int64_t ignore, double eps, int64_t reduction) {
+  check_cross_entropy_args(sl, sy, tl, ty, alpha, eps, reduction);
+  check_device(sl, alpha);
+  CeCall c{Tensor(), {make_side(sl, sy), make_side(tl, ty)}, CeArgs()};
+  TORCH_CHECK(c.h[0].classes <= INT_MAX && c.h[1].classes <= INT_MAX, "too many classes");
+  c.p.alpha = make_alpha_arg(alpha, c.alpha_keep);
+  c.p.ignore = ignore;
+  c.p.eps = eps;
+  c.p.reduction = static_cast<int>(reduction);
+  return c;
+}
+
 using ForwardOut = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 
 ForwardOut forward(const Tensor& sl, const Tensor& sy, const Tensor& tl, const Tensor& ty, const Tensor& alpha,
                    int64_t ignore, double eps, int64_t reduction, std::array<bool, 2> write_grad) {
-  check_cross_entropy_args(sl, sy, tl, ty, alpha, eps, reduction);
-  check_device(sl, alpha);
   c10::cuda::CUDAGuard device_guard(sl.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  Tensor alpha_keep;
-  CeArgs p;
-  p.alpha = make_alpha_arg(alpha, alpha_keep);
-  p.ignore = ignore;
-  p.eps = eps;
-  p.reduction = static_cast<int>(reduction);
-  const std::array<HostSide, 2> h = {make_side(sl, sy), make_side(tl, ty)};
-  TORCH_CHECK(h[0].classes <= INT_MAX && h[1].classes <= INT_MAX, "too many classes");
+  CeCall call = prepare_call(sl, sy, tl, ty, alpha, ignore, eps, reduction);
+  CeArgs& p = call.p;
+  const std::array<HostSide, 2>& h = call.h;
   const auto opts = sl.options();
   const auto acc = acc_type_for(sl.scalar_type());
   std::array<Tensor, 2> lse = {at::empty({h[0].rows}, opts.dtype(at::kDouble)),
@@ -514,18 +528,11 @@ std::tuple<Tensor, Tensor> backward(const std::optional<Tensor>& g0, const std::
                                     const Tensor& sl, const Tensor& sy, const Tensor& tl, const Tensor& ty,
                                     const Tensor& alpha, const Tensor& lse_s, const Tensor& lse_t, const Tensor& counts,
                                     int64_t ignore, double eps, int64_t reduction, std::array<bool, 2> mask) {
-  check_cross_entropy_args(sl, sy, tl, ty, alpha, eps, reduction);
-  check_device(sl, alpha);
   c10::cuda::CUDAGuard device_guard(sl.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  Tensor alpha_keep;
-  CeArgs p;
-  p.alpha = make_alpha_arg(alpha, alpha_keep);
-  p.ignore = ignore;
-  p.eps = eps;
-  p.reduction = static_cast<int>(reduction);
-  const std::array<HostSide, 2> h = {make_side(sl, sy), make_side(tl, ty)};
-  TORCH_CHECK(h[0].classes <= INT_MAX && h[1].classes <= INT_MAX, "too many classes");
+  CeCall call = prepare_call(sl, sy, tl, ty, alpha, ignore, eps, reduction);
+  CeArgs& p = call.p;
+  const std::array<HostSide, 2>& h = call.h;
   const auto opts = sl.options();
   TORCH_CHECK(lse_s.scalar_type() == at::kDouble && lse_t.scalar_type() == at::kDouble && lse_s.numel() == h[0].rows &&
                   lse_t.numel() == h[1].rows,

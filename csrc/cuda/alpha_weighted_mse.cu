@@ -191,21 +191,35 @@ void launch(const MseArgs& p, at::ScalarType dtype, Tensor* out0, cudaStream_t s
   });
 }
 
+// What forward and backward both need: checked arguments, the flattened sides and the kernel
+// parameters that do not depend on the pass. Keeps the tensors the parameters point into alive.
+struct MseCall {
+  Tensor alpha_keep;
+  std::array<HostSide, 2> h;
+  MseArgs p;
+};
+
+MseCall prepare_call(const Tensor& sp, const Tensor& st, const Tensor& tp, const Tensor& tt, const Tensor& alpha,
+                     int64_t reduction) {
+  check_mse_args(sp, st, tp, tt, alpha, reduction);
+  TORCH_CHECK(sp.is_cuda(), "fastadapt CUDA kernel called with ", sp.device(), " tensors");
+  MseCall c{Tensor(), {make_side(sp, st), make_side(tp, tt)}, MseArgs()};
+  c.p.alpha = make_alpha_arg(alpha, c.alpha_keep);
+  c.p.reduction = static_cast<int>(reduction);
+  setup_sides(c.p, c.h, vec_elems(sp.scalar_type()));
+  return c;
+}
+
 using ForwardOut = std::tuple<Tensor, Tensor, Tensor, Tensor>;
 
 ForwardOut forward(const Tensor& sp, const Tensor& st, const Tensor& tp, const Tensor& tt, const Tensor& alpha,
                    int64_t reduction, std::array<bool, 2> write_grad) {
-  check_mse_args(sp, st, tp, tt, alpha, reduction);
-  TORCH_CHECK(sp.is_cuda(), "fastadapt CUDA kernel called with ", sp.device(), " tensors");
   c10::cuda::CUDAGuard device_guard(sp.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  Tensor alpha_keep;
-  MseArgs p;
-  p.alpha = make_alpha_arg(alpha, alpha_keep);
-  p.reduction = static_cast<int>(reduction);
-  const std::array<HostSide, 2> h = {make_side(sp, st), make_side(tp, tt)};
+  MseCall call = prepare_call(sp, st, tp, tt, alpha, reduction);
+  MseArgs& p = call.p;
+  const std::array<HostSide, 2>& h = call.h;
   const auto opts = sp.options();
-  setup_sides(p, h, vec_elems(sp.scalar_type()));
 
   Tensor out0, out1, partials;
   std::array<Tensor, 2> grads;
@@ -246,17 +260,12 @@ std::tuple<Tensor, Tensor> forward_public(const Tensor& sp, const Tensor& st, co
 std::tuple<Tensor, Tensor> backward(const std::optional<Tensor>& g0, const std::optional<Tensor>& g1,
                                     const Tensor& sp, const Tensor& st, const Tensor& tp, const Tensor& tt,
                                     const Tensor& alpha, int64_t reduction, std::array<bool, 2> mask) {
-  check_mse_args(sp, st, tp, tt, alpha, reduction);
-  TORCH_CHECK(sp.is_cuda(), "fastadapt CUDA kernel called with ", sp.device(), " tensors");
   c10::cuda::CUDAGuard device_guard(sp.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  Tensor alpha_keep;
-  MseArgs p;
-  p.alpha = make_alpha_arg(alpha, alpha_keep);
-  p.reduction = static_cast<int>(reduction);
-  const std::array<HostSide, 2> h = {make_side(sp, st), make_side(tp, tt)};
+  MseCall call = prepare_call(sp, st, tp, tt, alpha, reduction);
+  MseArgs& p = call.p;
+  const std::array<HostSide, 2>& h = call.h;
   const auto opts = sp.options();
-  setup_sides(p, h, vec_elems(sp.scalar_type()));
   const std::array<const std::optional<Tensor>*, 2> gout = {&g0, &g1};
   std::array<Tensor, 2> grads, keep;
   for (int k = 0; k < 2; ++k) {
