@@ -37,7 +37,7 @@ build: $(BUILT)
 
 test: $(BUILT)
 	$(PY) -m fastadapt info
-	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) tests benchmarks --benchmark-disable
+	FASTADAPT_REQUIRE_EXTENSION=1 $(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) tests benchmarks --benchmark-disable
 
 demo: $(BUILT)
 	$(PY) -m fastadapt demo

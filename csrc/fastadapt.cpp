@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include "cpu/grad_buffer.h"
+#include "eager_entry.h"
 
 #ifndef FASTADAPT_TORCH_VERSION
 #define FASTADAPT_TORCH_VERSION "unknown"
@@ -73,6 +74,8 @@ static PyObject* py_cache_stats(PyObject*, PyObject*) {
   return Py_BuildValue("(LL)", static_cast<long long>(bytes), static_cast<long long>(blocks));
 }
 static PyMethodDef fastadapt_methods[] = {
+    {"linear_relu_eager", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(fastadapt::linear_relu_eager)),
+     METH_FASTCALL, "linear_relu(x, weight, bias) through the dispatcher, or NotImplemented (see eager_entry.cpp)."},
     {"empty_cache", py_empty_cache, METH_NOARGS, "Release idle CPU gradient buffers; returns the bytes freed."},
     {"cache_stats", py_cache_stats, METH_NOARGS, "(idle bytes, idle blocks) held by the CPU gradient cache."},
     {nullptr, nullptr, 0, nullptr}};

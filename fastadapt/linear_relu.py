@@ -52,13 +52,19 @@ def linear_relu(x, weight, bias=None):
     float32, bfloat16 and float64 on the CPU; float16 too on CUDA. Differentiable in x, weight and bias
     (once: double backward is not supported by the compiled op).
     """
+    if _eager_entry is not None and not torch.compiler.is_compiling():
+        # The C++ kernel runs the checks of _check_args with the same messages; NotImplemented means
+        # a subclass, a mode or a device the entry leaves to torch.ops (csrc/eager_entry.cpp).
+        y = _eager_entry(x, weight, bias)
+        if y is not NotImplemented:
+            return y
     _check_args(x, weight, bias)
     if use_compiled(x):
         return torch.ops.fastadapt.linear_relu(x, weight, bias)
     return reference.linear_relu(x, weight, bias)
 
 
-_linear_relu_op = torch.ops.fastadapt.linear_relu if _extension._C is not None else None
+_eager_entry = _extension._C.linear_relu_eager if _extension._C is not None else None
 
 
 class FusedLinearReLU(nn.Module):
@@ -119,16 +125,7 @@ class FusedLinearReLU(nn.Module):
         return self
 
     def forward(self, x):
-        w = self.weight
-        # Hot path, kept to a few attribute reads: the C++ kernel runs the checks of _check_args with the
-        # same messages. Only the device test stays here, since a mixed-device call would dispatch on the
-        # other device's key (and on "meta" skip the kernel's checks).
-        C = _extension._C
-        if C is not None and type(x) is torch.Tensor:
-            dev = x.device
-            if dev == w.device and (dev.type != "cuda" or C.with_cuda):
-                return _linear_relu_op(x, w, self.bias)
-        return linear_relu(x, w, self.bias)
+        return linear_relu(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

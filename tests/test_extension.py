@@ -75,3 +75,15 @@ def test_cpu_gradient_cache_reuses_and_releases():
     xs.grad = xt.grad = None
     assert fastadapt.empty_cache() == 2 * 512 * 16384 * 4
     assert _extension._C.cache_stats() == (0, 0)
+
+
+def test_a_built_extension_loads():
+    """`make test` builds the extension and sets FASTADAPT_REQUIRE_EXTENSION=1: a kernel that fails to load
+    (an undefined symbol, say) must fail the run, not pass it quietly on the pure-PyTorch fallback."""
+    if os.environ.get("FASTADAPT_REQUIRE_EXTENSION", "0") in ("", "0"):
+        import pytest
+
+        pytest.skip("FASTADAPT_REQUIRE_EXTENSION is not set")
+    info = fastadapt.build_info()
+    assert info["extension_loaded"], info["load_error"]
+    assert info["load_error"] is None

@@ -27,6 +27,11 @@ SHAPES = [
     ((2, 5), 33, 3),
     ((3, 4), 8, 16),
     ((), 6, 5),
+    ((3,), 0, 4),
+    ((3,), 4, 0),
+    # large enough for the CPU kernel to split the features over threads (slice edges at 16)
+    ((65,), 784, 33),
+    ((3, 100), 129, 130),
 ]
 
 
@@ -407,3 +412,96 @@ def test_bias_grad_independent_of_thread_count():
     assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
     _, (_, _, want) = _reference(x, w, b, g)
     torch.testing.assert_close(results[0].double(), want, rtol=1e-4, atol=1e-3)
+
+
+# ---- the eager entry (csrc/eager_entry.cpp) ---------------------------------------------------------
+def _plain_inputs(requires_grad=True):
+    torch.manual_seed(3)
+    x = torch.randn(5, 7)
+    w = torch.randn(4, 7, requires_grad=requires_grad)
+    b = torch.randn(4, requires_grad=requires_grad)
+    return x, w, b
+
+
+def test_eager_entry_equals_torch_ops():
+    _needs_ops()
+    x, w, b = _plain_inputs()
+    y1 = fastadapt.linear_relu(x, w, b)
+    g1 = torch.autograd.grad(y1.sum(), (w, b))
+    y2 = torch.ops.fastadapt.linear_relu(x, w, b)
+    g2 = torch.autograd.grad(y2.sum(), (w, b))
+    assert torch.equal(y1, y2) and all(torch.equal(a, c) for a, c in zip(g1, g2))
+    assert type(y1.grad_fn).__name__ == type(y2.grad_fn).__name__
+
+
+def test_torch_function_mode_sees_the_op():
+    from torch.overrides import TorchFunctionMode
+
+    _needs_ops()
+    seen = []
+
+    class Record(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    x, w, b = _plain_inputs()
+    with Record():
+        y = fastadapt.FusedLinearReLU.from_linear(_linear_of(w, b))(x)
+    assert torch.ops.fastadapt.linear_relu in seen
+    torch.testing.assert_close(y, F.relu(F.linear(x, w, b)))
+
+
+def test_tensor_subclass_keeps_its_torch_function():
+    _needs_ops()
+    calls = []
+
+    class Tagged(torch.Tensor):
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            calls.append(func)
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+    x, w, b = _plain_inputs()
+    y = fastadapt.linear_relu(x.as_subclass(Tagged), w, b)
+    assert type(y) is Tagged and torch.ops.fastadapt.linear_relu in calls
+    torch.testing.assert_close(y.as_subclass(torch.Tensor), F.relu(F.linear(x, w, b)))
+
+
+def test_torch_dispatch_mode_sees_the_op():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    _needs_ops()
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    x, w, b = _plain_inputs()
+    with Record():
+        fastadapt.linear_relu(x, w, b)
+    assert torch.ops.fastadapt.linear_relu.default in seen
+
+
+def test_eager_entry_declines_what_it_does_not_serve():
+    _needs_ops()
+    from fastadapt import _extension
+
+    x, w, b = _plain_inputs(requires_grad=False)
+    entry = _extension._C.linear_relu_eager
+    assert entry(x.tolist(), w, b) is NotImplemented
+    assert entry(x, w) is NotImplemented
+    assert entry(x.to("meta"), w.to("meta"), None) is NotImplemented
+    assert entry(x, w.to("meta"), b) is NotImplemented  # mixed devices: the Python path words the error
+    with pytest.raises(ValueError, match="x.shape\\[-1\\] is 7 but weight has in_features=6"):
+        entry(x, w[:, :6], b)  # a bad shape is the kernel's own error, with the Python wording
+
+
+def _linear_of(w, b):
+    lin = nn.Linear(w.shape[1], w.shape[0])
+    with torch.no_grad():
+        lin.weight.copy_(w)
+        lin.bias.copy_(b)
+    return lin
