@@ -11,6 +11,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/blas.h"
 #include "cpu/grad_buffer.h"
 #include "eager_entry.h"
 
@@ -73,7 +74,11 @@ static PyObject* py_cache_stats(PyObject*, PyObject*) {
   auto [bytes, blocks] = fastadapt::cpu::cache_stats();
   return Py_BuildValue("(LL)", static_cast<long long>(bytes), static_cast<long long>(blocks));
 }
+static PyObject* py_cpu_blas(PyObject*, PyObject*) {
+  return PyBool_FromLong(fastadapt::cpu::blas::available<float>() && fastadapt::cpu::blas::available<double>());
+}
 static PyMethodDef fastadapt_methods[] = {
+    {"cpu_blas", py_cpu_blas, METH_NOARGS, "Whether linear_relu's CPU GEMMs call the BLAS directly (csrc/cpu/blas.h)."},
     {"linear_relu_eager", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(fastadapt::linear_relu_eager)),
      METH_FASTCALL, "linear_relu(x, weight, bias) through the dispatcher, or NotImplemented (see eager_entry.cpp)."},
     {"empty_cache", py_empty_cache, METH_NOARGS, "Release idle CPU gradient buffers; returns the bytes freed."},

@@ -68,6 +68,8 @@ def build_info() -> dict:
         "load_error": _load_error,
         "cuda_available": torch.cuda.is_available(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        # linear_relu's float32/float64 CPU GEMMs: the BLAS torch links, called directly, or at::mm
+        "cpu_blas": bool(_C is not None and _C.cpu_blas()),
     }
     return info
 

@@ -32,7 +32,8 @@ def run_snippet(env_extra):
 
 def test_build_info_keys_and_types():
     info = fastadapt.build_info()
-    for key in ("torch_built_against", "cpu_kernels", "cuda_kernels", "cuda_archs", "extension_loaded", "load_error"):
+    for key in ("torch_built_against", "cpu_kernels", "cuda_kernels", "cuda_archs", "extension_loaded", "load_error",
+                "cpu_blas"):
         assert key in info
     assert info["extension_loaded"] == fastadapt.has_ops()
     if info["extension_loaded"]:
@@ -87,3 +88,12 @@ def test_a_built_extension_loads():
     info = fastadapt.build_info()
     assert info["extension_loaded"], info["load_error"]
     assert info["load_error"] is None
+
+
+def test_linear_relu_finds_the_blas_torch_links():
+    """With MKL (the x86 wheels) linear_relu's CPU GEMMs must take the direct BLAS path, not at::mm."""
+    import pytest
+
+    if not fastadapt.has_ops() or not torch.backends.mkl.is_available():
+        pytest.skip("needs the compiled extension and an MKL build of torch")
+    assert fastadapt.build_info()["cpu_blas"] is True

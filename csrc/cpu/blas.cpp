@@ -2,7 +2,8 @@
 // integers (LP64), so whatever library answers to that name takes ints here too.
 #include "blas.h"
 
-#include <ATen/ops/empty.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_ops.h>
 #include <dlfcn.h>
 
 #include <climits>
@@ -14,12 +15,12 @@ template <typename T>
 using gemm_fn = void(const char*, const char*, const int*, const int*, const int*, const T*, const T*, const int*,
                      const T*, const int*, const T*, T*, const int*);
 
-// The library that holds at::empty is libtorch_cpu; dlsym on its handle also searches its
-// dependencies, so a BLAS linked dynamically (OpenBLAS builds) is found as well.
+// at::_ops::empty_memory_format::call is defined in libtorch_cpu (at::empty itself is inline, so its
+// address would be this library's); dlsym on that library's handle also searches its dependencies, so
+// a BLAS linked dynamically (OpenBLAS builds) is found as well.
 void* lookup(const char* name) {
   Dl_info info{};
-  void* anchor = reinterpret_cast<void*>(static_cast<at::Tensor (*)(at::IntArrayRef, at::TensorOptions,
-                                                                     std::optional<at::MemoryFormat>)>(&at::empty));
+  void* anchor = reinterpret_cast<void*>(&at::_ops::empty_memory_format::call);
   if (dladdr(anchor, &info) == 0 || info.dli_fname == nullptr) return nullptr;
   void* handle = dlopen(info.dli_fname, RTLD_LAZY | RTLD_NOLOAD);
   if (handle == nullptr) return nullptr;
