@@ -135,3 +135,27 @@ def test_cpu_result_does_not_depend_on_the_thread_count(kind, reduction, eps):
     finally:
         torch.set_num_threads(old)
     _same_bits(runs)
+
+
+def test_linear_relu_bias_grad_does_not_depend_on_the_thread_count():
+    """linear_relu's GEMMs run one BLAS call per slice of features, one slice per thread, so y, grad_x
+    and grad_W may differ in the last bits between thread counts (as eager's MKL-threaded GEMMs do). The
+    bias gradient is fastadapt's own sum over fixed 64-row blocks: bitwise equal for any thread count."""
+    if not fastadapt.has_ops():
+        pytest.skip("compiled extension not loaded")
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(300, 129, generator=g)
+    w = torch.randn(130, 129, generator=g) / 129**0.5
+    b = torch.randn(130, generator=g)
+    gy = torch.randn(300, 130, generator=g)
+    old = torch.get_num_threads()
+    runs = []
+    try:
+        for n in (1, 2, 3, 4):
+            torch.set_num_threads(n)
+            wb = b.clone().requires_grad_(True)
+            fastadapt.linear_relu(x, w, wb).backward(gy)
+            runs.append(_bits(wb.grad))
+    finally:
+        torch.set_num_threads(old)
+    _same_bits(runs)
