@@ -34,7 +34,7 @@ PyTypeObject* parameter_type() {
 // A plain tensor or an nn.Parameter (whose __torch_function__ is the disabled default).
 bool plain_tensor(PyObject* obj) {
   PyTypeObject* t = Py_TYPE(obj);
-  return t == reinterpret_cast<PyTypeObject*>(THPVariableClass) || (t == parameter_type() && t != nullptr);
+  return t == reinterpret_cast<PyTypeObject*>(THPVariableClass) || t == parameter_type();
 }
 
 }  // namespace

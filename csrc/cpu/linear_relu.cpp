@@ -34,8 +34,6 @@ using at::Tensor;
 // Rows per bias-gradient block. Fixed (not derived from the thread count) so the summation order,
 // hence the rounding, never changes; the partial-sum buffer is 1/kBlockRows of the output.
 constexpr int64_t kBlockRows = 64;
-// Elements per parallel task: below this one thread does the whole pass (a batch-64 MLP layer).
-constexpr int64_t kGrainElems = int64_t(1) << 15;
 
 bool supported_float(const Tensor& t) {
   auto d = t.scalar_type();
@@ -163,6 +161,10 @@ FASTADAPT_CLONES void mask_row(const at::BFloat16* g, const at::BFloat16* y, at:
 // Below this many multiply-adds one thread does a whole call: waking the pool costs more than it saves.
 constexpr int64_t kSerialMacs = int64_t(1) << 19;
 
+// The work over_slices weighs an elementwise pass over `elems` elements at: such a pass goes
+// parallel from 2^15 elements (a batch-64 MLP layer's 8192 stay on one thread).
+constexpr int64_t elementwise_macs(int64_t elems) { return elems * (kSerialMacs >> 15); }
+
 // Runs f(c0, c1) over slices [c0, c1) of n rows or columns, one slice per thread, slice edges on
 // multiples of 16 (one AVX-512 register of floats, so no slice splits a BLAS micro-tile). Each slice's
 // BLAS call then runs single-threaded inside the parallel region: measured on the MNIST-MLP layer
@@ -190,15 +192,17 @@ Tensor row_major(const Tensor& t) {
   return t.stride(1) == 1 && t.stride(0) >= std::max<int64_t>(1, t.size(1)) ? t : t.contiguous();
 }
 
+// Whether x2 @ weight^T and its gradients take the direct BLAS path (blas.h): float and double with
+// every size and leading dimension in 1..INT_MAX; bf16 (oneDNN's GEMM), empty and >2^31 shapes keep at::mm.
 template <typename scalar_t>
-bool use_blas(std::initializer_list<int64_t> dims) {
+bool use_blas(const Tensor& x2, const Tensor& weight) {
   if constexpr (blas::supported<scalar_t>) {
     if (!blas::available<scalar_t>()) return false;
-    for (int64_t d : dims)
-      if (d <= 0 || !blas::fits_int(d)) return false;  // empty and >2^31 shapes: at::mm handles them
+    for (int64_t d : {x2.size(0), x2.size(1), weight.size(0), x2.stride(0), weight.stride(0)})
+      if (d <= 0 || !blas::fits_int(d)) return false;
     return true;
   }
-  return false;  // bf16: at::mm reaches oneDNN's bf16 GEMM
+  return false;
 }
 
 // blas::gemm for the types that have one; use_blas() is false for the others, so this never runs them.
@@ -218,7 +222,7 @@ template <typename scalar_t>
 void linear_relu_kernel(const Tensor& x2, const Tensor& weight, const scalar_t* b, Tensor& y) {
   const int64_t rows = x2.size(0), in_f = x2.size(1), out_f = weight.size(0);
   scalar_t* yp = y.data_ptr<scalar_t>();
-  if (use_blas<scalar_t>({rows, in_f, out_f, x2.stride(0), weight.stride(0)})) {
+  if (use_blas<scalar_t>(x2, weight)) {
     const Tensor xr = row_major(x2), wr = row_major(weight);
     const blas::Operand<scalar_t> xa{xr.const_data_ptr<scalar_t>(), xr.stride(0), false};
     const scalar_t* wp = wr.const_data_ptr<scalar_t>();
@@ -230,9 +234,8 @@ void linear_relu_kernel(const Tensor& x2, const Tensor& weight, const scalar_t* 
     return;
   }
   at::mm_out(y, x2, weight.t());
-  at::parallel_for(0, rows, std::max<int64_t>(1, kGrainElems / std::max<int64_t>(out_f, 1)), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) bias_relu_row(yp + r * out_f, b, out_f);
-  });
+  over_slices(out_f, elementwise_macs(rows * out_f),
+              [&](int64_t c0, int64_t c1) { bias_relu_cols(yp, out_f, b, rows, c0, c1); });
 }
 
 Tensor linear_relu(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias) {
@@ -300,12 +303,12 @@ std::tuple<Tensor, Tensor, Tensor> linear_relu_backward(const Tensor& grad_outpu
     const scalar_t* yp = y2.const_data_ptr<scalar_t>();
     scalar_t* gmp = gm.data_ptr<scalar_t>();
     scalar_t* gbp = mask[2] ? gb.data_ptr<scalar_t>() : nullptr;
-    const bool blas_ok = use_blas<scalar_t>({rows, in_f, out_f, x2.stride(0), weight.stride(0)});
+    const bool blas_ok = use_blas<scalar_t>(x2, weight);
     const Tensor xr = blas_ok && mask[1] ? row_major(x2) : x2;
     // One pass per column slice: mask and bias gradient of the slice, then, still on the same thread
     // and with the slice in cache, grad_W[c0:c1] = gm[:, c0:c1]^T @ x.
     // Without a BLAS slice to follow, the mask pass alone is sliced like an elementwise pass.
-    const int64_t macs = blas_ok && mask[1] ? rows * in_f * out_f : rows * out_f * (kSerialMacs / kGrainElems);
+    const int64_t macs = blas_ok && mask[1] ? rows * in_f * out_f : elementwise_macs(rows * out_f);
     over_slices(out_f, macs, [&](int64_t c0, int64_t c1) {
       mask_and_bias_grad_cols<scalar_t, acc_t>(gp, g2.stride(0), yp, gmp, rows, out_f, c0, c1, gbp);
       if (blas_ok && mask[1]) {
