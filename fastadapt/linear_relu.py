@@ -52,19 +52,17 @@ def linear_relu(x, weight, bias=None):
     float32, bfloat16 and float64 on the CPU; float16 too on CUDA. Differentiable in x, weight and bias
     (once: double backward is not supported by the compiled op).
     """
-    if _eager_entry is not None and not torch.compiler.is_compiling():
+    C = _extension._C  # read per call: the fallback must win whenever _C is None
+    if C is not None and not torch.compiler.is_compiling():
         # The C++ kernel runs the checks of _check_args with the same messages; NotImplemented means
         # a subclass, a mode or a device the entry leaves to torch.ops (csrc/eager_entry.cpp).
-        y = _eager_entry(x, weight, bias)
+        y = C.linear_relu_eager(x, weight, bias)
         if y is not NotImplemented:
             return y
     _check_args(x, weight, bias)
     if use_compiled(x):
         return torch.ops.fastadapt.linear_relu(x, weight, bias)
     return reference.linear_relu(x, weight, bias)
-
-
-_eager_entry = _extension._C.linear_relu_eager if _extension._C is not None else None
 
 
 class FusedLinearReLU(nn.Module):

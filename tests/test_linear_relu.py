@@ -505,3 +505,16 @@ def _linear_of(w, b):
         lin.weight.copy_(w)
         lin.bias.copy_(b)
     return lin
+
+
+def test_each_backend_runs_its_own_path(backend):
+    """The compiled backend builds fastadapt's autograd node; the fallback the reference's ops (so the
+    fallback parity tests really test the fallback)."""
+    x, w, b = _plain_inputs()
+    node = type(fastadapt.linear_relu(x, w, b).grad_fn).__name__
+    module_node = type(fastadapt.FusedLinearReLU.from_linear(_linear_of(w, b))(x).grad_fn).__name__
+    expected_fallback = type(F.relu(F.linear(x, w, b)).grad_fn).__name__
+    if backend == "compiled":
+        assert node == module_node == "CppFunction"
+    else:
+        assert node == module_node == expected_fallback
