@@ -100,7 +100,7 @@ sanitize: $(SAN_DEPS)
 		| while IFS= read -r -d '' f; do test -f "$$f" || continue; cmp -s "$$f" "$(SAN_SRC)/$$f" \
 		|| { mkdir -p "$(SAN_SRC)/$$(dirname "$$f")" && cp "$$f" "$(SAN_SRC)/$$f"; }; done
 	cd $(SAN_SRC) && FASTADAPT_SANITIZE=1 FASTADAPT_CUDA=0 $(abspath $(PY)) setup.py -q build_ext --inplace
-	cd $(SAN_SRC) && $(SAN_ENV) $(abspath $(PY)) -c "import fastadapt, fastadapt._extension as e; \
+	cd $(SAN_SRC) && $(SAN_ENV) $(abspath $(PY)) -c "import fastadapt, fastadapt.ops._extension as e; \
 		assert e._C is not None, e._load_error; f = e._C.__file__; assert '/$(SAN_SRC)/' in f, f; print('sanitized:', f)"
 	ldd $(SAN_SRC)/fastadapt/_C*.so | grep -q libasan
 	cd $(SAN_SRC) && set -o pipefail; $(SAN_ENV) FASTADAPT_CPU_CACHE_MB=0 $(abspath $(PY)) -m pytest -q -p no:cacheprovider --capture=sys \

@@ -18,7 +18,7 @@ from common import BUDGET, IMPLS, first_call_seconds, machine_info, record, run
 from fastadapt.training import AdaptiveTrainer
 from fastadapt.training.adaptive import replay_indices
 from fastadapt.training.models import MLP
-from fastadapt.training import workflows as W
+from fastadapt.apps import workflows
 
 HIDDEN, BATCH, ALPHA, MEMORY = (128, 128), 32, 0.5, 100
 _task = {}
@@ -26,7 +26,7 @@ _task = {}
 
 def task():
     if "t" not in _task:
-        _task["t"] = W.prepare("digits:0-4", "digits:5-9", W.RunConfig(output="", quiet=True))
+        _task["t"] = workflows.prepare("digits:0-4", "digits:5-9", workflows.RunConfig(output="", quiet=True))
     return _task["t"]
 
 

@@ -1,9 +1,11 @@
-"""fastadapt: fused C++/CUDA kernels and training loops for transfer and adaptive learning in PyTorch."""
-from fastadapt._extension import build_info, empty_cache, has_cuda_ops, has_ops
-from fastadapt import _fake  # noqa: F401  (fake kernels, so torch.compile traces the compiled ops)
-from fastadapt.losses import AlphaWeightedLoss, alpha_weighted_cross_entropy, alpha_weighted_mse
-from fastadapt.linear_relu import FusedLinearReLU, linear_relu
-from fastadapt.fuse import fuse_linear_relu
+"""fastadapt: fused C++/CUDA kernels and training loops for transfer and adaptive learning in PyTorch.
+
+Three layers, each importing only from the ones before it: ``fastadapt.ops`` (fused losses and
+layers), ``fastadapt.training`` (trainers, callbacks, checkpoints, model surgery) and
+``fastadapt.apps`` (CLI, demo, readers; not imported here).
+"""
+from fastadapt.ops import (AlphaWeightedLoss, FusedLinearReLU, alpha_weighted_cross_entropy, alpha_weighted_mse,
+                           build_info, empty_cache, fuse_linear_relu, has_cuda_ops, has_ops, linear_relu)
 from fastadapt.training import (MLP, AdaptiveTrainer, Callback, EarlyStopping, History, ModelCheckpoint, TransferTrainer,
                                 extend_head, freeze, load_pretrained, replace_head, unfreeze)
 

@@ -1,4 +1,4 @@
-from fastadapt.cli import main
+from fastadapt.apps.cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import fastadapt
-from fastadapt import _extension
+from fastadapt.ops import _extension
 
 # (rtol, atol) against a float64 reference computed from the same (rounded) inputs.
 TOLERANCES = {

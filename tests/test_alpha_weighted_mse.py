@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 import fastadapt
 from conftest import DEVICES
-from fastadapt import reference
+from fastadapt.ops import reference
 from helpers import assert_close, grad_or_zeros
 
 REDUCTIONS = ["mean", "sum", "none"]

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from fastadapt import MLP, AdaptiveTrainer, Callback, ModelCheckpoint, TransferTrainer, extend_head
-from fastadapt.training import checkpoint as C
+from fastadapt.training import checkpoint
 from fastadapt.training.surgery import load_pretrained
 from _training_data import blobs
 
@@ -27,14 +27,14 @@ def _filled(value, size=16):
 
 
 def _assert_only_final_names(folder):
-    assert sorted(os.listdir(folder)) == [C.WEIGHTS, C.STATE]
+    assert sorted(os.listdir(folder)) == [checkpoint.WEIGHTS, checkpoint.STATE]
 
 
 # ---- interrupted in-process ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("fail_at", range(1, 6))
 def test_save_interrupted_by_fsync_failure_keeps_a_loadable_checkpoint(tmp_path, monkeypatch, fail_at):
-    C.save_checkpoint(tmp_path, _filled(1.0), {"epoch": 1})
+    checkpoint.save_checkpoint(tmp_path, _filled(1.0), {"epoch": 1})
     calls = {"n": 0}
     real = os.fsync
 
@@ -46,12 +46,12 @@ def test_save_interrupted_by_fsync_failure_keeps_a_loadable_checkpoint(tmp_path,
 
     monkeypatch.setattr(os, "fsync", flaky)
     try:
-        C.save_checkpoint(tmp_path, _filled(2.0), {"epoch": 2})
+        checkpoint.save_checkpoint(tmp_path, _filled(2.0), {"epoch": 2})
         finished = True
     except OSError:
         finished = False
     monkeypatch.setattr(os, "fsync", real)
-    weights, state = C.load_checkpoint(tmp_path)
+    weights, state = checkpoint.load_checkpoint(tmp_path)
     # the pair is consistent: old+old before the commit point, new+new after it
     value = float(weights["weight"][0, 0])
     assert value == state["epoch"]
@@ -62,7 +62,7 @@ def test_save_interrupted_by_fsync_failure_keeps_a_loadable_checkpoint(tmp_path,
 
 @pytest.mark.parametrize("fail_at, expect", [(1, 1), (2, 2)])
 def test_save_interrupted_by_replace_failure(tmp_path, monkeypatch, fail_at, expect):
-    C.save_checkpoint(tmp_path, _filled(1.0), {"epoch": 1})
+    checkpoint.save_checkpoint(tmp_path, _filled(1.0), {"epoch": 1})
     calls = {"n": 0}
     real = os.replace
 
@@ -74,18 +74,18 @@ def test_save_interrupted_by_replace_failure(tmp_path, monkeypatch, fail_at, exp
 
     monkeypatch.setattr(os, "replace", flaky)
     with pytest.raises(OSError, match="injected"):
-        C.save_checkpoint(tmp_path, _filled(2.0), {"epoch": 2})
+        checkpoint.save_checkpoint(tmp_path, _filled(2.0), {"epoch": 2})
     monkeypatch.setattr(os, "replace", real)
     # fail_at=1: the state never replaced -> old checkpoint; fail_at=2: state committed, weights
     # still pending -> the reader finishes the move and gets the new checkpoint
-    weights, state = C.load_checkpoint(tmp_path)
+    weights, state = checkpoint.load_checkpoint(tmp_path)
     assert state["epoch"] == expect and float(weights["weight"][0, 0]) == expect
     _assert_only_final_names(tmp_path)
 
 
 def test_atomic_write_failure_leaves_previous_file(tmp_path, monkeypatch):
     path = tmp_path / "report.json"
-    C.atomic_write_text(path, "OLD")
+    checkpoint.atomic_write_text(path, "OLD")
 
     def boom(tmp):
         with open(tmp, "w") as f:
@@ -93,21 +93,21 @@ def test_atomic_write_failure_leaves_previous_file(tmp_path, monkeypatch):
         raise RuntimeError("crash mid-write")
 
     with pytest.raises(RuntimeError):
-        C.atomic_write(path, boom)
+        checkpoint.atomic_write(path, boom)
     assert path.read_text() == "OLD" and os.listdir(tmp_path) == ["report.json"]
 
 
 _WRITER = textwrap.dedent("""
     import sys, torch
     from torch import nn
-    from fastadapt.training import checkpoint as C
+    from fastadapt.training import checkpoint
     folder = sys.argv[1]
     m = nn.Linear(1024, 1024)
     for i in range(1, 10**6):
         with torch.no_grad():
             for p in m.parameters():
                 p.fill_(float(i))
-        C.save_checkpoint(folder, m, {"epoch": i})
+        checkpoint.save_checkpoint(folder, m, {"epoch": i})
         if i == 1:
             print("first", flush=True)
 """)
@@ -124,12 +124,12 @@ def test_sigkill_during_saves_leaves_a_consistent_checkpoint(tmp_path):
         time.sleep(delay)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        weights, state = C.load_checkpoint(folder)
+        weights, state = checkpoint.load_checkpoint(folder)
         assert state["epoch"] >= 1
         assert torch.all(weights["weight"] == state["epoch"]) and torch.all(weights["bias"] == state["epoch"])
         names = os.listdir(folder)
-        assert C.WEIGHTS in names and C.STATE in names
-        assert all(n in (C.WEIGHTS, C.STATE) or n.startswith(".") for n in names)  # leftovers are hidden temps
+        assert checkpoint.WEIGHTS in names and checkpoint.STATE in names
+        assert all(n in (checkpoint.WEIGHTS, checkpoint.STATE) or n.startswith(".") for n in names)  # leftovers are hidden temps
 
 
 # ---- exact resume ----------------------------------------------------------------------------------
@@ -204,9 +204,9 @@ class _Evil:
 
 
 def test_weights_only_refuses_a_malicious_trainer_state(tmp_path):
-    C.save_checkpoint(tmp_path / "ck", _filled(1.0), {"epoch": 1})
+    checkpoint.save_checkpoint(tmp_path / "ck", _filled(1.0), {"epoch": 1})
     marker = tmp_path / "pwned"
-    torch.save({"epoch": 1, "payload": _Evil(str(marker))}, tmp_path / "ck" / C.STATE)
+    torch.save({"epoch": 1, "payload": _Evil(str(marker))}, tmp_path / "ck" / checkpoint.STATE)
     with pytest.raises(ValueError, match="weights_only=True"):
         TransferTrainer(_filled(1.0), progress_bar=False).load_checkpoint(tmp_path / "ck")
     assert not marker.exists()
@@ -227,6 +227,6 @@ def test_corrupt_and_missing_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="weights file not found"):
         load_pretrained(tmp_path / "nope.safetensors")
     with pytest.raises(FileNotFoundError, match="no checkpoint in"):
-        C.load_checkpoint(tmp_path)
+        checkpoint.load_checkpoint(tmp_path)
     with pytest.raises(ValueError, match="must end in .safetensors, .pt or .pth"):
         load_pretrained(tmp_path / "m.bin")

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from fastadapt import cli
-from fastadapt.training import checkpoint as C
+from fastadapt.apps import cli
+from fastadapt.training import checkpoint
 from fastadapt.training.surgery import load_pretrained
 from _training_data import blobs
 
@@ -57,7 +57,7 @@ def test_adapt_on_npz_and_csv(tmp_path, capsys):
     assert (out / "accuracy.png").read_bytes()[:8] == PNG
     model = load_pretrained(out / "pretrained.safetensors")
     assert model.config() == {"in_features": 6, "hidden_sizes": [16], "num_classes": 2}
-    weights, state = C.load_checkpoint(out / "runs" / "alpha_0.5_replay10" / "last")
+    weights, state = checkpoint.load_checkpoint(out / "runs" / "alpha_0.5_replay10" / "last")
     assert state["epoch"] == 3 and weights["head.weight"].shape == (4, 16)
 
 

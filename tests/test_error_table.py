@@ -14,7 +14,7 @@ import torch
 
 import fastadapt
 from helpers import use_backend
-from fastadapt import cli
+from fastadapt.apps import cli
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DOC = os.path.join(os.path.dirname(HERE), "docs", "ERRORS.md")
@@ -362,7 +362,7 @@ every row (API rows through both the compiled kernels and the pure-PyTorch fallb
 this file is out of date. `{tmp}` stands for a folder. A message shown here is contained in the real
 one, which may go on (a trailing value, or the underlying parser's reason).
 
-Bad input never reaches a kernel: the arguments are checked first, in Python (`fastadapt/_validate.py`),
+Bad input never reaches a kernel: the arguments are checked first, in Python (`fastadapt/ops/_validate.py`),
 and again in C++ (`csrc/loss_common.h`) for direct `torch.ops.fastadapt.*` calls. On CUDA an
 out-of-range label gives a NaN loss instead of `IndexError` (no device-side assert).
 """

@@ -61,7 +61,7 @@ def test_cli_info_prints_build_info():
 def test_cpu_gradient_cache_reuses_and_releases():
     if not fastadapt.has_ops():
         return
-    from fastadapt import _extension
+    from fastadapt.ops import _extension
     fastadapt.empty_cache()
     xs = torch.randn(512, 16384, requires_grad=True)  # 32 MB gradients: served by the cache
     xt = torch.randn(512, 16384, requires_grad=True)

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from fastadapt import MLP, ModelCheckpoint
-from fastadapt.training import checkpoint as C
+from fastadapt.training import checkpoint
 from fastadapt.training.surgery import load_pretrained
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,10 +49,10 @@ RUN = textwrap.dedent("""
 # `stage` and tells the parent, which SIGKILLs it there.
 CHILD = RUN + textwrap.dedent("""
     import os, sys, time
-    from fastadapt.training import checkpoint as C
+    from fastadapt.training import checkpoint
     folder, stage, kill_epoch = sys.argv[1], sys.argv[2], int(sys.argv[3])
     saves = {"n": 0}
-    real_fsync_file, real_fsync_dir, real_replace = C._fsync_file, C._fsync_dir, C.os.replace
+    real_fsync_file, real_fsync_dir, real_replace = checkpoint._fsync_file, checkpoint._fsync_dir, checkpoint.os.replace
 
     def stop(where):
         print("stopped", where, flush=True)
@@ -68,16 +68,16 @@ CHILD = RUN + textwrap.dedent("""
 
     def replace(src, dst):
         real_replace(src, dst)
-        if saves["n"] == kill_epoch and stage == "committed" and dst.endswith(C.STATE):
+        if saves["n"] == kill_epoch and stage == "committed" and dst.endswith(checkpoint.STATE):
             stop(dst)
 
-    real_save = C.save_checkpoint
+    real_save = checkpoint.save_checkpoint
 
     def save_checkpoint(*args, **kwargs):
         saves["n"] += 1
         return real_save(*args, **kwargs)
 
-    C._fsync_file, C.os.replace, C.save_checkpoint = fsync_file, replace, save_checkpoint
+    checkpoint._fsync_file, checkpoint.os.replace, checkpoint.save_checkpoint = fsync_file, replace, save_checkpoint
     run(%d, [ModelCheckpoint(folder)])
     print("finished", flush=True)
 """ % EPOCHS)
@@ -110,10 +110,10 @@ def test_sigkill_inside_a_training_checkpoint_save_then_resume(tmp_path, uninter
     folder = tmp_path / "ck" / "last"
     # no partial file carries a final name: everything but the two final files is a hidden temp/pending
     names = os.listdir(folder)
-    assert C.WEIGHTS in names and C.STATE in names
-    assert all(n in (C.WEIGHTS, C.STATE) or n.startswith(".") for n in names), names
+    assert checkpoint.WEIGHTS in names and checkpoint.STATE in names
+    assert all(n in (checkpoint.WEIGHTS, checkpoint.STATE) or n.startswith(".") for n in names), names
     # the checkpoint that survives: epoch 1's before the commit point, epoch 2's after it
-    weights, state = C.load_checkpoint(folder)
+    weights, state = checkpoint.load_checkpoint(folder)
     assert state["epoch"] == survivor, state.get("epoch")
     # resume and finish: bitwise the uninterrupted run
     torch.manual_seed(999)
@@ -135,7 +135,7 @@ def good_checkpoint(tmp_path_factory):
 
 def _copy(src, dst):
     dst.mkdir()
-    for name in (C.WEIGHTS, C.STATE):
+    for name in (checkpoint.WEIGHTS, checkpoint.STATE):
         (dst / name).write_bytes((src / name).read_bytes())
     return dst
 
@@ -144,7 +144,7 @@ def _cut_points(size):
     return sorted({0, 1, 7, 8, 9, size // 4, size // 2, size - 100, size - 9, size - 1} - {size})
 
 
-@pytest.mark.parametrize("name", [C.WEIGHTS, C.STATE])
+@pytest.mark.parametrize("name", [checkpoint.WEIGHTS, checkpoint.STATE])
 def test_truncated_checkpoint_file_is_a_clear_error(tmp_path, good_checkpoint, name):
     size = (good_checkpoint / name).stat().st_size
     for cut in _cut_points(size):
@@ -153,16 +153,16 @@ def test_truncated_checkpoint_file_is_a_clear_error(tmp_path, good_checkpoint, n
         (folder / name).write_bytes(data[:cut])
         # a damaged weights file no longer carries the state's checkpoint id: "inconsistent"
         with pytest.raises(ValueError, match=r"cannot (read|load) .*(safetensors|trainer_state\.pt)|is inconsistent"):
-            C.load_checkpoint(folder)
+            checkpoint.load_checkpoint(folder)
         with pytest.raises(ValueError):
             run(2, resume_from=folder)
 
 
-@pytest.mark.parametrize("name", [C.WEIGHTS, C.STATE])
+@pytest.mark.parametrize("name", [checkpoint.WEIGHTS, checkpoint.STATE])
 def test_bit_flipped_checkpoint_file_never_loads_silently(tmp_path, good_checkpoint, name):
     """A flipped byte either makes loading fail with a ValueError, or loads a checkpoint that differs only
     in the value of that byte; it never crashes the interpreter or drops part of the state."""
-    weights0, state0 = C.load_checkpoint(good_checkpoint)
+    weights0, state0 = checkpoint.load_checkpoint(good_checkpoint)
     size = (good_checkpoint / name).stat().st_size
     for pos in sorted({0, 4, 8, 12, size // 3, size // 2, size - 200, size - 5}):
         folder = _copy(good_checkpoint, tmp_path / f"flip{pos}")
@@ -170,7 +170,7 @@ def test_bit_flipped_checkpoint_file_never_loads_silently(tmp_path, good_checkpo
         data[pos] ^= 0xFF
         (folder / name).write_bytes(bytes(data))
         try:
-            weights, state = C.load_checkpoint(folder)
+            weights, state = checkpoint.load_checkpoint(folder)
         except (ValueError, FileNotFoundError):
             continue
         assert sorted(weights) == sorted(weights0) and all(weights[k].shape == weights0[k].shape for k in weights)
@@ -178,7 +178,7 @@ def test_bit_flipped_checkpoint_file_never_loads_silently(tmp_path, good_checkpo
 
 
 def test_truncated_pretrained_weights_are_a_clear_error(tmp_path, good_checkpoint):
-    data = (good_checkpoint / C.WEIGHTS).read_bytes()
+    data = (good_checkpoint / checkpoint.WEIGHTS).read_bytes()
     for cut in _cut_points(len(data)):
         p = tmp_path / f"w{cut}.safetensors"
         p.write_bytes(data[:cut])
@@ -204,10 +204,10 @@ def test_unpickling_code_is_refused_and_never_runs(tmp_path, good_checkpoint):
             return (os.system, (f"touch {marker}",))
 
     folder = _copy(good_checkpoint, tmp_path / "evil")
-    state = torch.load(folder / C.STATE, weights_only=True)
-    torch.save({**state, "extra": Evil()}, folder / C.STATE)
+    state = torch.load(folder / checkpoint.STATE, weights_only=True)
+    torch.save({**state, "extra": Evil()}, folder / checkpoint.STATE)
     with pytest.raises(ValueError, match="weights_only=True"):
-        C.load_checkpoint(folder)
+        checkpoint.load_checkpoint(folder)
     with pytest.raises(ValueError, match="weights_only=True"):
         run(2, resume_from=folder)
     assert not marker.exists()

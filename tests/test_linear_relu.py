@@ -487,7 +487,7 @@ def test_torch_dispatch_mode_sees_the_op():
 
 def test_eager_entry_declines_what_it_does_not_serve():
     _needs_ops()
-    from fastadapt import _extension
+    from fastadapt.ops import _extension
 
     x, w, b = _plain_inputs(requires_grad=False)
     entry = _extension._C.linear_relu_eager

@@ -7,8 +7,8 @@ import math
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-import fastadapt
-from fastadapt.training import data as D
+from fastadapt.ops.losses import alpha_weighted_cross_entropy
+from fastadapt.training.data import as_dataset, check_labels, feature_shape, labels_of, tensors_of, train_loader
 from fastadapt.training.surgery import get_head
 from fastadapt.training.trainer import TransferTrainer, _positive_int
 
@@ -68,35 +68,35 @@ class AdaptiveTrainer(TransferTrainer):
         """``val_data={"source": ..., "target": ...}``; both are evaluated every epoch (without it,
         the training sets are). History gets source_acc_before/after, forgetting, bwt, target_acc."""
         _positive_int("epochs", epochs)
-        target_ds = D.as_dataset(target_data, "target_data")
-        source_ds = D.as_dataset(source_data, "source_data")
+        target_ds = as_dataset(target_data, "target_data")
+        source_ds = as_dataset(source_data, "source_data")
         val = self._val_sets(val_data, source_data, target_data)
         num_classes = get_head(self.model)[1].out_features
         t_feat = self._check_features(target_ds, "target_data")
-        s_feat = D.feature_shape(source_ds)
-        if D.feature_shape(target_ds) != s_feat:
+        s_feat = feature_shape(source_ds)
+        if feature_shape(target_ds) != s_feat:
             raise ValueError(f"source_data has samples of shape {s_feat} but target_data has "
-                             f"{D.feature_shape(target_ds)} ({t_feat} features)")
+                             f"{feature_shape(target_ds)} ({t_feat} features)")
         self._check_features(source_ds, "source_data")
         for name, ds in (("target_data", target_ds), ("source_data", source_ds)):
-            D.check_labels(D.labels_of(ds), num_classes, name)
-        self._check_batches = D.labels_of(target_ds) is None or D.labels_of(source_ds) is None
+            check_labels(labels_of(ds), num_classes, name)
+        self._check_batches = labels_of(target_ds) is None or labels_of(source_ds) is None
         for side, (ds, _) in val.items():
             self._check_features(ds, f"val_data[{side!r}]")
-            D.check_labels(D.labels_of(ds), num_classes, f"val_data[{side!r}]")
+            check_labels(labels_of(ds), num_classes, f"val_data[{side!r}]")
 
         source_stream, source_template = source_ds, source_data
         if self.memory_size is not None:
             if self.memory_size > len(source_ds):
                 raise ValueError(f"memory_size={self.memory_size} exceeds the {len(source_ds)} samples of source_data")
-            X, y = D.tensors_of(source_ds)
+            X, y = tensors_of(source_ds)
             keep = replay_indices(y, self.memory_size, self.seed or 0)
             self.memory = source_stream = TensorDataset(X[keep], y[keep])
             source_template = None
         self._setup_distributed()
-        target_loader = D.train_loader(target_ds, target_data, self.batch_size, self.seed or 0)
+        target_loader = train_loader(target_ds, target_data, self.batch_size, self.seed or 0)
         bs = target_loader.batch_size or self.batch_size
-        source_loader = D.train_loader(source_stream, source_template, min(bs, len(source_stream)), (self.seed or 0) + 1)
+        source_loader = train_loader(source_stream, source_template, min(bs, len(source_stream)), (self.seed or 0) + 1)
         resuming = resume_from is not None or self._pending_state is not None
         if not resuming:
             before = self.evaluate(val["source"][1])["acc"]
@@ -141,7 +141,7 @@ class AdaptiveTrainer(TransferTrainer):
             raise ValueError(f"val_data must be a dict with keys 'source' and 'target', got {got}")
         out = {}
         for side in ("source", "target"):
-            ds = D.as_dataset(val_data[side], f"val_data[{side!r}]")
+            ds = as_dataset(val_data[side], f"val_data[{side!r}]")
             out[side] = (ds, val_data[side] if isinstance(val_data[side], DataLoader) else ds)
         return out
 
@@ -151,12 +151,12 @@ class AdaptiveTrainer(TransferTrainer):
         xt, yt = xt.to(self.device), yt.to(self.device).long()
         if self._check_batches:
             num_classes = get_head(self.model)[1].out_features
-            D.check_labels(ys, num_classes, "source_data")
-            D.check_labels(yt, num_classes, "target_data")
+            check_labels(ys, num_classes, "source_data")
+            check_labels(yt, num_classes, "target_data")
         # one forward over both batches: one DDP gradient sync and one pass through the layers
         logits = self._net(torch.cat([xs, xt]))
         ls, lt = logits[: len(ys)].float(), logits[len(ys):].float()
-        loss = fastadapt.alpha_weighted_cross_entropy(ls, ys, lt, yt, self.alpha_at(self.global_step))
+        loss = alpha_weighted_cross_entropy(ls, ys, lt, yt, self.alpha_at(self.global_step))
         with torch.no_grad():
             s = torch.tensor([0.0, 0.0, float(len(yt)), 0.0, float(len(ys))], dtype=torch.float64, device=self.device)
             s[0] = loss.detach().double() * len(yt)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from fastadapt.linear_relu import FusedLinearReLU
+from fastadapt.ops.linear_relu import FusedLinearReLU
 
 
 class MLP(nn.Module):

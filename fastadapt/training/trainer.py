@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fastadapt.training import checkpoint as ckpt
-from fastadapt.training import data as D
+from fastadapt.training.data import as_dataset, check_labels, eval_loader, feature_shape, labels_of, train_loader
 from fastadapt.training import distributed as dist
 from fastadapt.training.callbacks import Callback
 from fastadapt.training.history import History
@@ -164,18 +164,18 @@ class TransferTrainer:
     def fit(self, train_data, val_data=None, *, epochs, resume_from=None) -> History:
         """Trains until ``epochs`` epochs in total have run (counting those of a resumed checkpoint)."""
         _positive_int("epochs", epochs)
-        train_ds = D.as_dataset(train_data, "train_data")
-        val_ds = D.as_dataset(val_data, "val_data") if val_data is not None else None
+        train_ds = as_dataset(train_data, "train_data")
+        val_ds = as_dataset(val_data, "val_data") if val_data is not None else None
         num_classes = get_head(self.model)[1].out_features
         self._check_features(train_ds, "train_data")
-        D.check_labels(D.labels_of(train_ds), num_classes, "train_data")
+        check_labels(labels_of(train_ds), num_classes, "train_data")
         # labels that could not be read up front are checked per batch (a device sync each step)
-        self._check_batches = D.labels_of(train_ds) is None
+        self._check_batches = labels_of(train_ds) is None
         if val_ds is not None:
             self._check_features(val_ds, "val_data")
-            D.check_labels(D.labels_of(val_ds), num_classes, "val_data")
+            check_labels(labels_of(val_ds), num_classes, "val_data")
         self._setup_distributed()
-        loader = D.train_loader(train_ds, train_data, self.batch_size, self.seed or 0)
+        loader = train_loader(train_ds, train_data, self.batch_size, self.seed or 0)
         self._begin(len(loader), epochs, resume_from)
 
         def run_epoch(epoch, bar):
@@ -194,20 +194,20 @@ class TransferTrainer:
     @torch.no_grad()
     def evaluate(self, data) -> dict:
         """{"loss": mean cross-entropy, "acc": accuracy} over ``data`` (summed across ranks under DDP)."""
-        ds = D.as_dataset(data, "data")
+        ds = as_dataset(data, "data")
         self._check_features(ds, "data")
-        loader = D.eval_loader(ds, data, self.batch_size)
+        loader = eval_loader(ds, data, self.batch_size)
         was_training = self.model.training
         self.model.eval()
         sums = torch.zeros(3, dtype=torch.float64, device=self.device)
         num_classes = get_head(self.model)[1].out_features
-        per_batch = D.labels_of(ds) is None
+        per_batch = labels_of(ds) is None
         if not per_batch:
-            D.check_labels(D.labels_of(ds), num_classes, "data")
+            check_labels(labels_of(ds), num_classes, "data")
         for x, y in loader:
             x, y = x.to(self.device), y.to(self.device).long()
             if per_batch:
-                D.check_labels(y, num_classes, "data")
+                check_labels(y, num_classes, "data")
             with self._autocast():
                 logits = self.model(x)
             sums[0] += F.cross_entropy(logits.float(), y, reduction="sum").double()
@@ -223,7 +223,7 @@ class TransferTrainer:
         DataLoader), in order, on the CPU. Not sharded under DDP: each rank predicts everything."""
         if isinstance(data, torch.Tensor):
             data = TensorDataset(data)
-        ds = data.dataset if isinstance(data, DataLoader) else D.as_dataset(data, "data")
+        ds = data.dataset if isinstance(data, DataLoader) else as_dataset(data, "data")
         loader = data if isinstance(data, DataLoader) else DataLoader(ds, batch_size=self.batch_size)
         was_training = self.model.training
         self.model.eval()
@@ -332,7 +332,7 @@ class TransferTrainer:
         x, y = batch
         x, y = x.to(self.device), y.to(self.device).long()
         if self._check_batches:
-            D.check_labels(y, get_head(self.model)[1].out_features, "train_data")
+            check_labels(y, get_head(self.model)[1].out_features, "train_data")
         logits = self._net(x)
         loss = F.cross_entropy(logits.float(), y)
         with torch.no_grad():
@@ -358,7 +358,7 @@ class TransferTrainer:
 
     def _check_features(self, ds, name):
         expected = input_features(self.model)
-        shape = D.feature_shape(ds)
+        shape = feature_shape(ds)
         got = int(np.prod(shape)) if shape else 1
         if expected is not None and got != expected:
             raise ValueError(f"{name} has {got} features per sample (shape {shape}) but the model's first "

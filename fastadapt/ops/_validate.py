@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from fastadapt.reference import REDUCTIONS
+from fastadapt.ops.reference import REDUCTIONS
 
 _CPU_FLOATS = (torch.float32, torch.float64, torch.bfloat16)
 _CUDA_FLOATS = _CPU_FLOATS + (torch.float16,)

@@ -30,7 +30,7 @@ from collections import Counter
 import torch
 from torch import nn
 
-from fastadapt.linear_relu import FusedLinearReLU
+from fastadapt.ops.linear_relu import FusedLinearReLU
 
 _CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 _CUDA_DTYPES = _CPU_DTYPES + (torch.float16,)

@@ -11,19 +11,19 @@ import math
 import torch
 from torch import nn
 
-from fastadapt import _validate as V
-from fastadapt import reference
-from fastadapt import _extension
-from fastadapt._extension import use_compiled
+from fastadapt.ops import _validate
+from fastadapt.ops import reference
+from fastadapt.ops import _extension
+from fastadapt.ops._extension import use_compiled
 
 
 def _check_args(x, weight, bias):
     """The checks of the C++ kernels, with the same wording, run before any kernel for both paths."""
-    V.check_tensor("x", x)
-    V.check_tensor("weight", weight)
+    _validate.check_tensor("x", x)
+    _validate.check_tensor("weight", weight)
     if bias is not None:
-        V.check_tensor("bias", bias)
-    if x.dtype not in (V._CUDA_FLOATS if x.device.type == "cuda" else V._CPU_FLOATS):
+        _validate.check_tensor("bias", bias)
+    if x.dtype not in (_validate._CUDA_FLOATS if x.device.type == "cuda" else _validate._CPU_FLOATS):
         kinds = "float32, float64, bfloat16" + (", float16" if x.device.type == "cuda" else "")
         raise TypeError(f"linear_relu: x must be a floating tensor ({kinds} on {x.device.type}), got dtype {x.dtype}")
     if weight.dim() != 2:

@@ -8,9 +8,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastadapt import _validate as V
-from fastadapt import reference
-from fastadapt._extension import use_compiled
+from fastadapt.ops import _validate
+from fastadapt.ops import reference
+from fastadapt.ops._extension import use_compiled
 
 
 def alpha_weighted_cross_entropy(source_logits, source_labels, target_logits, target_labels, alpha=0.5, *,
@@ -23,16 +23,16 @@ def alpha_weighted_cross_entropy(source_logits, source_labels, target_logits, ta
     ignored rows. A term whose weight is exactly 0 is not evaluated. Pass ``alpha`` as a 0-dim tensor
     to change it between steps without recompiling under ``torch.compile``.
     """
-    V.check_ce_side("source", source_logits, source_labels)
-    V.check_ce_side("target", target_logits, target_labels)
-    V.check_same_dtype("source_logits", source_logits, "target_logits", target_logits)
-    V.check_same_device(source_logits=source_logits, source_labels=source_labels,
+    _validate.check_ce_side("source", source_logits, source_labels)
+    _validate.check_ce_side("target", target_logits, target_labels)
+    _validate.check_same_dtype("source_logits", source_logits, "target_logits", target_logits)
+    _validate.check_same_device(source_logits=source_logits, source_labels=source_labels,
                         target_logits=target_logits, target_labels=target_labels)
-    V.check_label_smoothing(label_smoothing)
+    _validate.check_label_smoothing(label_smoothing)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    red = V.reduction_code(reduction)
-    a = V.alpha_tensor(alpha, source_logits.device)
+    red = _validate.reduction_code(reduction)
+    a = _validate.alpha_tensor(alpha, source_logits.device)
     if use_compiled(source_logits):
         out0, out1 = torch.ops.fastadapt.alpha_weighted_cross_entropy(
             source_logits, source_labels, target_logits, target_labels, a, ignore_index, float(label_smoothing), red)
@@ -40,9 +40,9 @@ def alpha_weighted_cross_entropy(source_logits, source_labels, target_logits, ta
     if a.device.type == "cpu" and not torch.compiler.is_compiling():
         # as the compiled CPU kernel: a named IndexError, checked only on sides whose weight is not 0
         if float(a) != 1.0:
-            V.check_labels_in_range("source_labels", source_labels, source_logits.shape[-1], ignore_index)
+            _validate.check_labels_in_range("source_labels", source_labels, source_logits.shape[-1], ignore_index)
         if float(a) != 0.0:
-            V.check_labels_in_range("target_labels", target_labels, target_logits.shape[-1], ignore_index)
+            _validate.check_labels_in_range("target_labels", target_labels, target_logits.shape[-1], ignore_index)
     return reference.alpha_weighted_cross_entropy(
         source_logits, source_labels, target_logits, target_labels, alpha if not isinstance(alpha, torch.Tensor) else a,
         ignore_index=ignore_index, label_smoothing=float(label_smoothing), reduction=reduction)
@@ -54,13 +54,13 @@ def alpha_weighted_mse(source_pred, source_target, target_pred, target_target, a
     Shapes must match exactly: unlike ``F.mse_loss``, (N, 1) against (N,) raises instead of broadcasting.
     Gradients flow to predictions and to targets.
     """
-    V.check_mse_side("source", source_pred, source_target)
-    V.check_mse_side("target", target_pred, target_target)
-    V.check_same_dtype("source_pred", source_pred, "target_pred", target_pred)
-    V.check_same_device(source_pred=source_pred, source_target=source_target,
+    _validate.check_mse_side("source", source_pred, source_target)
+    _validate.check_mse_side("target", target_pred, target_target)
+    _validate.check_same_dtype("source_pred", source_pred, "target_pred", target_pred)
+    _validate.check_same_device(source_pred=source_pred, source_target=source_target,
                         target_pred=target_pred, target_target=target_target)
-    red = V.reduction_code(reduction)
-    a = V.alpha_tensor(alpha, source_pred.device)
+    red = _validate.reduction_code(reduction)
+    a = _validate.alpha_tensor(alpha, source_pred.device)
     if use_compiled(source_pred):
         out0, out1 = torch.ops.fastadapt.alpha_weighted_mse(
             source_pred, source_target, target_pred, target_target, a, red)
@@ -88,7 +88,7 @@ class AlphaWeightedLoss(nn.Module):
         if unknown:
             raise TypeError(f"unexpected option(s) for kind={kind!r}: {sorted(unknown)}; allowed: {sorted(allowed)}")
         if not isinstance(alpha, torch.Tensor):
-            V.check_alpha_value(float(alpha))
+            _validate.check_alpha_value(float(alpha))
         self.alpha = alpha
         self.kind = kind
         self.options = options

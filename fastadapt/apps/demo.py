@@ -8,7 +8,7 @@ import os
 import statistics
 import time
 
-from fastadapt.training import workflows as W
+from fastadapt.apps import plotting, workflows
 
 SOURCE, TARGET = "digits:0-4", "digits:5-9"
 ALPHAS = (1.0, 0.75, 0.5)
@@ -18,37 +18,37 @@ SHOTS = 5  # labels per class for the transfer comparison: where pretraining is 
 
 def run(output: str, *, seed: int = 0, quiet: bool = False, device=None, resume: bool = False) -> dict:
     start = time.perf_counter()
-    cfg = W.RunConfig(output=output, seed=seed, quiet=quiet, device=device, resume=resume)
+    cfg = workflows.RunConfig(output=output, seed=seed, quiet=quiet, device=device, resume=resume)
     os.makedirs(output, exist_ok=True)
-    task = W.prepare(SOURCE, TARGET, cfg)
+    task = workflows.prepare(SOURCE, TARGET, cfg)
     say = (lambda *a: None) if quiet else print
     say(f"digits: source {SOURCE} ({len(task.source_train[1])} train / {len(task.source_test[1])} held out), "
         f"target {TARGET} ({len(task.target_train[1])} / {len(task.target_test[1])}); MLP 64-"
         f"{'-'.join(map(str, cfg.hidden))}, seed {seed}")
-    path, pre = W.pretrain(task, cfg)
+    path, pre = workflows.pretrain(task, cfg)
     say(f"1-2. pretrained on {SOURCE}: held-out accuracy {_pct(pre.get('source_acc'))}; saved and reloaded {path}")
 
-    transfer_rows = [W.transfer(task, path, m, cfg, shots=SHOTS) for m in ("frozen", "finetune", "scratch")]
+    transfer_rows = [workflows.transfer(task, path, m, cfg, shots=SHOTS) for m in ("frozen", "finetune", "scratch")]
     say(f"\n3. transfer to {TARGET} with {SHOTS} labels per class (new 5-way head; source accuracy "
         f"uses the old head on the transferred backbone)")
-    say(W.format_table(transfer_rows))
+    say(workflows.format_table(transfer_rows))
     scratch = next(r for r in transfer_rows if r["method"] == "scratch")["target_acc"]
     best = max((r for r in transfer_rows if r["method"] != "scratch"), key=lambda r: r["target_acc"])
     say(f"   {'pretraining helped' if best['target_acc'] > scratch else 'pretraining did NOT beat the scratch baseline'}"
         f" here: best transfer ({best['method']}) {_pct(best['target_acc'])} vs scratch {_pct(scratch)}.")
 
-    adapt_rows = [W.adapt(task, path, a, MEMORY, cfg) for a in ALPHAS]
-    adapt_rows.append(W.adapt(task, path, 0.5, None, cfg, name="joint (all source)"))
+    adapt_rows = [workflows.adapt(task, path, a, MEMORY, cfg) for a in ALPHAS]
+    adapt_rows.append(workflows.adapt(task, path, 0.5, None, cfg, name="joint (all source)"))
     say(f"\n4. adapt to {TARGET} with a class-incremental 10-way head (extend_head 5 -> 10), "
         f"replay memory of {MEMORY} source samples")
-    say(W.format_table(adapt_rows))
+    say(workflows.format_table(adapt_rows))
 
     report = {"command": "fastadapt demo", "seed": seed, "source": SOURCE, "target": TARGET,
               "config": {k: v for k, v in vars(cfg).items() if k != "output"},
               "pretrain": pre, "transfer": transfer_rows, "adapt": adapt_rows,
               "seconds": time.perf_counter() - start}
-    rp = W.write_report(output, report)
-    pp = W.write_plot(output, adapt_rows + transfer_rows)
+    rp = workflows.write_report(output, report)
+    pp = plotting.write_plot(output, adapt_rows + transfer_rows)
     say(f"\nreport: {rp}\nplot:   {pp}\ntotal:  {report['seconds']:.1f} s")
     return report
 
@@ -73,7 +73,7 @@ def run_seeds(output: str, seeds, *, quiet=False, device=None) -> dict:
                      f"{f'{100 * t[0]:.1f} ± {100 * t[1]:.1f}':>16}")
     table = "\n".join(lines)
     print(table)
-    W.ckpt.atomic_write_text(os.path.join(output, "summary.json"),
+    workflows.ckpt.atomic_write_text(os.path.join(output, "summary.json"),
                              json.dumps({"seeds": list(seeds), "summary": summary, "table": table}, indent=2))
     return summary
 

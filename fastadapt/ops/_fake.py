@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fastadapt._extension import has_ops
+from fastadapt.ops._extension import has_ops
 
 
 def _pair_outputs(reduction, s_shape, t_shape, like):

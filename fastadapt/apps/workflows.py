@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from fastadapt.training import checkpoint as ckpt
-from fastadapt.training import data as D
+from fastadapt.apps import readers
 from fastadapt.training.adaptive import AdaptiveTrainer
 from fastadapt.training.callbacks import ModelCheckpoint
 from fastadapt.training.models import MLP
@@ -52,8 +52,8 @@ def prepare(source_spec: str, target_spec: str, cfg: RunConfig, label_column="la
 
     Source classes become 0..S-1; target classes not in the source take the next indices (class-
     incremental), so one head of S+T' outputs serves both tasks."""
-    Xs, ys = D.load_dataset(source_spec, arg="--source", label_column=label_column)
-    Xt, yt = D.load_dataset(target_spec, arg="--target", label_column=label_column)
+    Xs, ys = readers.load_dataset(source_spec, arg="--source", label_column=label_column)
+    Xt, yt = readers.load_dataset(target_spec, arg="--target", label_column=label_column)
     if Xs.shape[1] != Xt.shape[1]:
         raise ValueError(f"--source {source_spec!r} has {Xs.shape[1]} features but --target "
                          f"{target_spec!r} has {Xt.shape[1]}")
@@ -69,9 +69,9 @@ def prepare(source_spec: str, target_spec: str, cfg: RunConfig, label_column="la
         if len(y) < 4 or counts[counts > 0].min() < 2:
             raise ValueError(f"{name} needs at least 2 samples of every class to split off a held-out set "
                              f"(class counts: {dict(zip(*np.unique(y, return_counts=True)))})")
-        parts.append(D.split(X, y, cfg.holdout, cfg.seed))
+        parts.append(readers.split(X, y, cfg.holdout, cfg.seed))
     (s_tr, s_te), (t_tr, t_te) = parts
-    scale = D.Standardizer(s_tr[0])
+    scale = readers.Standardizer(s_tr[0])
 
     def tensors(pair):
         return torch.from_numpy(scale(pair[0])), torch.from_numpy(pair[1].astype(np.int64))
@@ -121,7 +121,7 @@ def transfer(task: Task, pretrained: str, method: str, cfg: RunConfig, shots: in
     remap = _contiguous(task.target_classes, task.source_classes)
     Xt, yt = task.target_train
     if shots is not None:
-        Xn, yn = D.few_shot(Xt.numpy(), yt.numpy(), shots, cfg.seed)
+        Xn, yn = readers.few_shot(Xt.numpy(), yt.numpy(), shots, cfg.seed)
         Xt, yt = torch.from_numpy(Xn), torch.from_numpy(yn)
     train, test = (Xt, remap[yt]), (task.target_test[0], remap[task.target_test[1]])
     seed_everything(cfg.seed)
@@ -198,34 +198,4 @@ def write_report(folder, report: dict) -> str:
     path = os.path.join(folder, "report.json")
     if dist.is_main():
         ckpt.atomic_write_text(path, json.dumps(report, indent=2, default=float))
-    return path
-
-
-def write_plot(folder, rows) -> str:
-    """source and target held-out accuracy per epoch, one line per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_s, ax_t) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for r in rows:
-        h = r.get("history") or {}
-        if "val_source_acc" in h:
-            ax_s.plot(range(1, len(h["val_source_acc"]) + 1), h["val_source_acc"], label=r["method"])
-            ax_t.plot(range(1, len(h["val_target_acc"]) + 1), h["val_target_acc"], label=r["method"])
-        elif "val_acc" in h and r["method"] != "pretrain":
-            ax_t.plot(range(1, len(h["val_acc"]) + 1), h["val_acc"], "--", label=f"transfer: {r['method']}")
-    for ax, title in ((ax_s, "source accuracy (held-out)"), (ax_t, "target accuracy (held-out)")):
-        ax.set_title(title)
-        ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-    ax_s.set_ylabel("accuracy")
-    fig.tight_layout()
-    path = os.path.join(folder, "accuracy.png")
-    if dist.is_main():
-        ckpt.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    plt.close(fig)
     return path

@@ -22,7 +22,7 @@ def _cmd_info(args) -> int:
 
 
 def _cmd_bench(args) -> int:
-    from fastadapt.bench_cli import run
+    from fastadapt.apps.bench import run
 
     run(device=args.device, min_run_time=args.min_run_time)
     return 0
@@ -37,7 +37,7 @@ def _set_threads(args, default=None):
 
 
 def _cmd_demo(args) -> int:
-    from fastadapt import demo
+    from fastadapt.apps import demo
 
     # These MLPs are too small for intra-op threads to pay for their synchronisation.
     _set_threads(args, default=1)
@@ -49,7 +49,7 @@ def _cmd_demo(args) -> int:
 
 
 def _config(args):
-    from fastadapt.training.workflows import RunConfig
+    from fastadapt.apps.workflows import RunConfig
 
     return RunConfig(output=args.output, hidden=tuple(args.hidden), pretrain_epochs=args.pretrain_epochs or args.epochs,
                      epochs=args.epochs, transfer_epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
@@ -57,28 +57,28 @@ def _config(args):
 
 
 def _cmd_transfer(args) -> int:
-    from fastadapt.training import workflows as W
+    from fastadapt.apps import workflows
 
     _set_threads(args)
     cfg = _config(args)
-    task = W.prepare(args.source, args.target, cfg, label_column=args.label_column)
-    path, pre = W.pretrain(task, cfg)
-    rows = [W.transfer(task, path, m, cfg, shots=args.shots) for m in args.methods]
+    task = workflows.prepare(args.source, args.target, cfg, label_column=args.label_column)
+    path, pre = workflows.pretrain(task, cfg)
+    rows = [workflows.transfer(task, path, m, cfg, shots=args.shots) for m in args.methods]
     _finish(args, cfg, {"pretrain": pre, "transfer": rows, "classes": _classes(task)}, rows)
     return 0
 
 
 def _cmd_adapt(args) -> int:
-    from fastadapt.training import workflows as W
+    from fastadapt.apps import workflows
 
     _set_threads(args)
     cfg = _config(args)
-    task = W.prepare(args.source, args.target, cfg, label_column=args.label_column)
-    path, pre = W.pretrain(task, cfg)
+    task = workflows.prepare(args.source, args.target, cfg, label_column=args.label_column)
+    path, pre = workflows.pretrain(task, cfg)
     memory = args.memory_size or None
-    rows = [W.adapt(task, path, a, memory, cfg) for a in args.alpha]
+    rows = [workflows.adapt(task, path, a, memory, cfg) for a in args.alpha]
     if args.joint:
-        rows.append(W.adapt(task, path, 0.5, None, cfg, name="joint (all source)"))
+        rows.append(workflows.adapt(task, path, 0.5, None, cfg, name="joint (all source)"))
     _finish(args, cfg, {"pretrain": pre, "adapt": rows, "classes": _classes(task)}, rows)
     return 0
 
@@ -88,14 +88,16 @@ def _classes(task):
 
 
 def _finish(args, cfg, report, rows):
-    from fastadapt.training import workflows as W
+    from fastadapt.apps import workflows
 
     report = {"command": " ".join(["fastadapt", args.command] + args.argv), **report,
               "config": {k: v for k, v in vars(cfg).items() if k != "output"}}
     if not args.quiet:
-        print(W.format_table(rows))
-    rp = W.write_report(cfg.output, report)
-    pp = W.write_plot(cfg.output, rows)
+        print(workflows.format_table(rows))
+    rp = workflows.write_report(cfg.output, report)
+    from fastadapt.apps import plotting
+
+    pp = plotting.write_plot(cfg.output, rows)
     if not args.quiet:
         print(f"report: {rp}\nplot:   {pp}\ncheckpoints: {os.path.join(cfg.output, 'runs')}")
 
