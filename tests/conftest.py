@@ -1,9 +1,15 @@
 """Shared test fixtures: devices (CUDA behind a marker) and backends (compiled kernels / fallback)."""
-import pytest
-import torch
+import os
 
-from devices import DEVICES, skip_cuda_items_without_gpu  # noqa: F401  (DEVICES is re-exported)
-from helpers import use_backend
+# torch.use_deterministic_algorithms(True) makes cuBLAS raise unless this is set before the first GEMM
+# creates its handle (tests/test_determinism.py); set before anything below touches CUDA.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from devices import DEVICES, skip_cuda_items_without_gpu  # noqa: E402,F401  (DEVICES is re-exported)
+from helpers import use_backend  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):

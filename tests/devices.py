@@ -1,6 +1,12 @@
 """Devices to parametrize over; CUDA cases carry the `cuda` marker and are skipped without a GPU."""
-import pytest
-import torch
+import os
+
+# cuBLAS under torch.use_deterministic_algorithms(True) needs this before its first GEMM; here too
+# because benchmarks/conftest.py imports this module without tests/conftest.py.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]

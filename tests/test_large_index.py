@@ -4,8 +4,8 @@ overflows (and reads or writes the wrong place, or crashes).
 Every kernel offset is int64 by construction (row * row_stride, chunk * kChunk with int64 operands,
 and on CUDA int64 row offsets); these tests are what shows it. They use bf16 (4.3 GB per tensor),
 keep the peak under about 13 GB, and check a narrow slice of rows whose offsets exceed 2**31 against a
-float64 reference on those rows only. CUDA's own case lives in test_cuda_kernels.py
-(test_cross_entropy_beyond_int32_offsets); the MSE one is here.
+float64 reference on those rows only. CUDA's own cases live in test_cuda_kernels.py
+(marker `large`: wide rows, C = 8 rows past 2**28, a misaligned MSE view); the aligned MSE one is here.
 """
 import gc
 
@@ -126,6 +126,7 @@ def test_mse_cpu_beyond_int32_offsets():
 
 
 @pytest.mark.cuda
+@pytest.mark.large
 def test_mse_cuda_beyond_int32_offsets():
     if not CUDA or not fastadapt.has_cuda_ops():
         pytest.skip("needs a GPU and the CUDA kernels")
