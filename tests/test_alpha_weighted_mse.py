@@ -11,9 +11,9 @@ from helpers import assert_close, grad_or_zeros
 REDUCTIONS = ["mean", "sum", "none"]
 
 
-def pair(shape, device, dtype, target_grad=False):
-    x = (torch.randn(shape, device=device) * 2).to(dtype).requires_grad_()
-    y = torch.randn(shape, device=device).to(dtype).requires_grad_(target_grad)
+def pair(shape, device, dtype, target_grad=False, scale=1.0):
+    x = (torch.randn(shape, device=device) * (2 * scale)).to(dtype).requires_grad_()
+    y = (torch.randn(shape, device=device) * scale).to(dtype).requires_grad_(target_grad)
     return x, y
 
 
@@ -61,8 +61,12 @@ def test_parity(backend, device, shapes, reduction, alpha):
 def test_parity_dtypes(backend, device, dtype, reduction):
     if dtype == torch.float16 and device == "cpu":
         pytest.skip("float16 is a CUDA dtype")
-    sp, st = pair((300, 7), device, dtype, target_grad=True)
-    tp, tt = pair((50001,), device, dtype)
+    # float16 sums: at unit scale the target's sum of squares (about 0.6 * 5 * 50001 = 150000) is past
+    # float16's largest value (65504), so both backends return inf while the float64 reference is
+    # finite. At scale 1/4 the loss is about 9600: finite, and still summed over every block.
+    scale = 0.25 if dtype == torch.float16 and reduction == "sum" else 1.0
+    sp, st = pair((300, 7), device, dtype, target_grad=True, scale=scale)
+    tp, tt = pair((50001,), device, dtype, scale=scale)
     check(*run_both(sp, st, tp, tt, 0.6, reduction), dtype, reduction)
 
 
