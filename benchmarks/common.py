@@ -17,6 +17,24 @@ import fastadapt
 IMPLS = ["eager", "fastadapt", "compile"]
 THP = os.environ.get("THP_MEM_ALLOC_ENABLE", "0") == "1"
 
+# BENCH_COMPILE selects the torch.compile rows (parameter impl="compile"; each compiles cold, seconds to
+# tens of seconds): "1" (default) runs every row, "0" drops the compile rows, "only" runs nothing else.
+# benchmarks/conftest.py deselects by it; scripts/gpu_check.sh runs "0" first and "only" if time remains.
+BENCH_COMPILE_CHOICES = ("1", "0", "only")
+
+
+def bench_compile_mode():
+    mode = os.environ.get("BENCH_COMPILE", "1").strip() or "1"
+    if mode not in BENCH_COMPILE_CHOICES:
+        raise ValueError(f"BENCH_COMPILE must be one of {', '.join(BENCH_COMPILE_CHOICES)}, got {mode!r}")
+    return mode
+
+
+def is_compile_row(item):
+    """Whether a collected benchmark is a torch.compile row (its impl parameter is "compile")."""
+    callspec = getattr(item, "callspec", None)
+    return callspec is not None and callspec.params.get("impl") == "compile"
+
 
 def sync(device):
     if device == "cuda":
