@@ -3,6 +3,7 @@ import contextlib
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import fastadapt
 from fastadapt.ops import _extension
@@ -46,3 +47,26 @@ def use_backend(name):
         yield
     finally:
         _extension._C, _extension._warned = saved
+
+
+def ce_oracle(sl, sy, tl, ty, alpha, *, ignore_index=-100, label_smoothing=0.0, reduction="mean", class_dim=1):
+    """``alpha * F.cross_entropy(target) + (1 - alpha) * F.cross_entropy(source)`` from PyTorch's own op on the
+    given (float64) logits; a side whose weight is 0 is not evaluated. (source, target) for reduction none."""
+    terms = []
+    for w, logits, labels in ((1.0 - float(alpha), sl, sy), (float(alpha), tl, ty)):
+        if w == 0:
+            terms.append(logits.new_zeros(labels.shape if reduction == "none" else ()))
+            continue
+        x = logits.movedim(-1, 1) if class_dim == -1 and logits.dim() > 1 else logits
+        terms.append(w * F.cross_entropy(x, labels.long(), ignore_index=ignore_index, label_smoothing=label_smoothing,
+                                         reduction=reduction))
+    return tuple(terms) if reduction == "none" else terms[0] + terms[1]
+
+
+def mse_oracle(sp, st, tp, tt, alpha, *, reduction="mean"):
+    """``alpha * F.mse_loss(target side) + (1 - alpha) * F.mse_loss(source side)``; zero-weight sides skipped."""
+    terms = []
+    for w, p, t in ((1.0 - float(alpha), sp, st), (float(alpha), tp, tt)):
+        terms.append(p.new_zeros(p.shape if reduction == "none" else ()) if w == 0
+                     else w * F.mse_loss(p, t, reduction=reduction))
+    return tuple(terms) if reduction == "none" else terms[0] + terms[1]

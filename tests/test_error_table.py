@@ -76,16 +76,23 @@ API_CASES = [
     ("ce-logits-half-cpu", "float16 logits on the CPU", lambda t: ce(sl=L(4, 5, dtype=torch.float16)), TypeError,
      "source_logits must be a floating tensor (float32, float64, bfloat16 on cpu), got dtype torch.float16"),
     ("ce-labels-float", "float labels", lambda t: ce(sy=Y(4, dtype=f32)), TypeError,
-     "source_labels must have an integer dtype, got torch.float32"),
+     "source_labels must have an integer dtype (class indices), got torch.float32"),
     ("ce-labels-bool", "bool labels", lambda t: ce(ty=Y(3, dtype=torch.bool)), TypeError,
-     "target_labels must have an integer dtype, got torch.bool"),
+     "target_labels must have an integer dtype (class indices), got torch.bool; probability (soft) targets are "
+     "not supported"),
     ("ce-logits-0dim", "0-dim logits", lambda t: ce(sl=L(), sy=Y()), ValueError,
-     "source_logits must have a class dimension (shape (..., C)), got a 0-dim tensor"),
+     "source_logits must have a class dimension, got a 0-dim tensor"),
     ("ce-shape", "labels (3,) for logits (4, 5)", lambda t: ce(sy=Y(3)), ValueError,
-     "source_labels has shape (3,) but source_logits has shape (4, 5); labels must have the logits' shape "
-     "without the last (class) dimension"),
+     "source_labels has shape (3,) but source_logits has shape (4, 5); class_dim=1 reads logits as "
+     "F.cross_entropy does, (N, C, d1, ...) with labels (N, d1, ...), so source_labels must have shape (4,)"),
+    ("ce-class-last", "(batch, seq, vocab) logits (2, 7, 50) with (2, 7) labels and the default class_dim=1",
+     lambda t: ce(sl=L(2, 7, 50), sy=Y(2, 7)), ValueError,
+     "source_labels must have shape (2, 50); for class-last logits (..., C), such as a language model's "
+     "(batch, seq, vocab), pass class_dim=-1"),
+    ("ce-class-dim", "class_dim=2", lambda t: ce(class_dim=2), ValueError,
+     "class_dim must be 1 (F.cross_entropy's layout: (N, C, d1, ...)) or -1 (class-last: (..., C)), got 2"),
     ("ce-zero-classes", "logits (3, 0) with 3 labels", lambda t: ce(tl=L(3, 0)), ValueError,
-     "target_logits has 0 classes"),
+     "target_logits has 0 classes (shape (3, 0)) but 3 labels"),
     ("ce-dtype-sides", "float32 source, float64 target", lambda t: ce(tl=L(3, 6, dtype=f64)), TypeError,
      "target_logits has dtype torch.float64 but source_logits has dtype torch.float32; they must match"),
     ("ce-device", "target_labels on another device (meta)", lambda t: ce(ty=Y(3, device="meta")), ValueError,
@@ -150,22 +157,22 @@ API_CASES = [
     # ---- linear_relu
     ("linear-relu-shape", "x (2, 3), weight (4, 5)",
      lambda t: fastadapt.linear_relu(L(2, 3), L(4, 5), L(4)), ValueError,
-     "linear_relu: x.shape[-1] is 3 but weight has in_features=5 (weight shape (4, 5))"),
+     "x.shape[-1] is 3 but weight has in_features=5 (weight shape (4, 5))"),
     ("linear-relu-weight-dim", "weight (4, 3, 1)",
      lambda t: fastadapt.linear_relu(L(2, 3), L(4, 3, 1)), ValueError,
-     "linear_relu: weight must be 2-D (out_features, in_features), got shape (4, 3, 1)"),
+     "weight must be 2-D (out_features, in_features), got shape (4, 3, 1)"),
     ("linear-relu-bias", "weight (4, 3), bias (5,)",
      lambda t: fastadapt.linear_relu(L(2, 3), L(4, 3), L(5)), ValueError,
-     "linear_relu: bias must have shape (4,) = (out_features,), got shape (5,)"),
+     "bias must have shape (4,) = (out_features,), got shape (5,)"),
     ("linear-relu-dtype", "x float32, weight float64",
      lambda t: fastadapt.linear_relu(L(2, 3), L(4, 3).double()), TypeError,
-     "linear_relu: weight has dtype torch.float64 but x has dtype torch.float32; they must match"),
+     "weight has dtype torch.float64 but x has dtype torch.float32; they must match"),
     ("linear-relu-device", "weight on meta",
      lambda t: fastadapt.linear_relu(L(2, 3), L(4, 3, device="meta")), ValueError,
-     "linear_relu: weight is on meta but x is on cpu; all inputs must share one device"),
+     "weight is on meta but x is on cpu; all inputs must share one device"),
     ("fused-layer-in-features", "FusedLinearReLU(3, 4) on x (2, 5)",
      lambda t: fastadapt.FusedLinearReLU(3, 4)(L(2, 5)), ValueError,
-     "linear_relu: x.shape[-1] is 5 but weight has in_features=3 (weight shape (4, 3))"),
+     "x.shape[-1] is 5 but weight has in_features=3 (weight shape (4, 3))"),
     # ---- trainers
     ("trainer-model", "TransferTrainer('mlp')", lambda t: fastadapt.TransferTrainer("mlp"), TypeError,
      "model must be an nn.Module, got str"),
@@ -362,9 +369,12 @@ every row (API rows through both the compiled kernels and the pure-PyTorch fallb
 this file is out of date. `{tmp}` stands for a folder. A message shown here is contained in the real
 one, which may go on (a trailing value, or the underlying parser's reason).
 
-Bad input never reaches a kernel: the arguments are checked first, in Python (`fastadapt/ops/_validate.py`),
-and again in C++ (`csrc/loss_common.h`) for direct `torch.ops.fastadapt.*` calls. On CUDA an
-out-of-range label gives a NaN loss instead of `IndexError` (no device-side assert).
+Bad input never reaches a kernel: the arguments are checked first, in Python (`fastadapt/ops/_validate.py`,
+the one place each rule and message lives), in front of both the compiled ops and the fallback. Direct
+`torch.ops.fastadapt.*` calls skip these checks; the kernels then only guard memory safety, with terse
+messages, and an alpha outside [0, 1] gives NaN terms. The CPU kernel reads the labels anyway and
+raises `IndexError` for one out of range (the Python layer adds the argument's name, as below); on CUDA
+an out-of-range label gives a NaN loss instead (no device-side assert, no host sync).
 """
 
 

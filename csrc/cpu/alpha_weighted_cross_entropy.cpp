@@ -2,72 +2,117 @@
 //   loss = alpha * CE(target_logits, target_labels) + (1 - alpha) * CE(source_logits, source_labels)
 //
 // What it fuses: log-sum-exp, the label-smoothed NLL, the per-side mean over non-ignored rows, the
-// alpha weighting and (under autograd, reduction mean/sum) the gradient for a unit grad_output.
-// Reads each logits row from memory once and writes each gradient row once; log_softmax is never
-// materialised. Rows of both sides share one at::parallel_for. Per-row losses go to a small buffer
-// and are summed in a fixed order, so results do not depend on the thread count.
+// alpha weighting and (on request) the gradient for a unit grad_output. Reads each logits row from
+// memory once and writes each gradient row once; log_softmax is never materialised. Rows of both
+// sides share one at::parallel_for. Per-row losses go to a small buffer and are summed in a fixed
+// order, so results do not depend on the thread count.
 //
-// Why the gradient is written in the forward pass here: on these CPUs the op is bound by exp()
-// throughput and page faults, not DRAM. Writing the gradient while the row is still in L2 costs one
-// exp per element; recomputing it in backward costs a second exp and a second read of the logits.
+// Why the gradient is written in the forward pass here (the autograd node asks for it with reduction
+// mean/sum): on these CPUs the op is bound by exp() throughput and page faults, not DRAM. Writing the
+// gradient while the row is still in L2 costs one exp per element; recomputing it in backward costs
+// a second exp and a second read of the logits. Measurements: BENCHMARKS.md.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/scalar_tensor.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <array>
 #include <cstring>
 #include <vector>
 
-#include "cpu/ce_side.h"
+#include "alpha_weighted_cross_entropy.h"
 #include "cpu/grad_buffer.h"
-#include "cpu/loss_rows.h"
-#include "loss_common.h"
+#include "cpu/row_kernels.h"
+#include "register.h"
 
 namespace fastadapt::cpu {
 namespace {
 
 using at::Tensor;
 
-// Row-wise forward for one dtype. row_loss[r] gets the unweighted loss (0 at ignored or skipped rows).
-// Work items are blocks of kBlockRows rows of one side; wide rows are then done one at a time.
+// A side as the row loops read it: raw pointers (Tensor::data_ptr() checks cost more than a 10-class
+// row's arithmetic) and the side's weight.
+struct Side : CeSide {
+  double weight = 0.0;
+  bool evaluated = false;  // weight != 0: a zero-weight side is not read at all
+  const void* x = nullptr;
+  const int64_t* y = nullptr;
+
+  template <typename T>
+  const T* row(int64_t i) const {
+    return static_cast<const T*>(x) + i * row_stride;
+  }
+};
+
+Side make_side(const Tensor& logits, const Tensor& labels, double weight) {
+  Side d;
+  static_cast<CeSide&>(d) = make_ce_side(logits, labels);
+  d.weight = weight;
+  d.evaluated = weight != 0.0;
+  d.x = d.logits.const_data_ptr();
+  d.y = d.labels.const_data_ptr<int64_t>();
+  return d;
+}
+
+// Number of rows whose label is not ignore_index. A label outside [0, classes) would index out of the
+// row: IndexError, before any arithmetic (the Python layer names the argument).
+int64_t count_valid(const Side& d, int64_t ignore) {
+  if (!d.evaluated) return 0;
+  int64_t n = 0;
+  for (int64_t i = 0; i < d.rows; ++i) {
+    if (d.y[i] == ignore) continue;
+    TORCH_CHECK_INDEX(d.y[i] >= 0 && d.y[i] < d.classes, "label ", d.y[i], " at flat position ", i,
+                      " is outside [0, ", d.classes, ")");
+    ++n;
+  }
+  return n;
+}
+
+std::array<Side, 2> make_sides(const Tensor& sl, const Tensor& sy, const Tensor& tl, const Tensor& ty,
+                               const Tensor& alpha, int64_t reduction) {
+  check_reduction(reduction);
+  TORCH_CHECK(sl.scalar_type() == tl.scalar_type(), "source and target logits must share a dtype");
+  TORCH_CHECK(alpha.is_cpu(), "alpha must be on the CPU for CPU inputs");
+  const SideWeights w = side_weights(alpha);
+  return {make_side(sl, sy, *w.w[0]), make_side(tl, ty, *w.w[1])};
+}
+
+// The two sides' rows in one at::parallel_for: blocks of kBlockRows rows of one side are the work
+// items; narrow rows are done a block at a time, wide rows one at a time. row_loss[r] gets the
+// unweighted loss (0 at ignored or skipped rows); grad[k] is written when it is non-null.
 template <typename scalar_t>
-void forward_rows(const CeSide& s, const CeSide& t, int64_t ignore, double eps, std::array<Tensor, 2>& grads,
-                  std::array<double, 2> grad_scale, std::vector<double>& row_loss, std::array<Tensor, 2>& lse) {
-  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-  constexpr bool kWiden = !std::is_same_v<scalar_t, acc_t>;
-  const auto& f = row_fns<acc_t>();
-  const std::array<const CeSide*, 2> sides = {&s, &t};
-  double* const lse_p[2] = {lse[0].data_ptr<double>(), lse[1].data_ptr<double>()};
-  scalar_t* const grad_p[2] = {grads[0].numel() ? grads[0].data_ptr<scalar_t>() : nullptr,
-                               grads[1].numel() ? grads[1].data_ptr<scalar_t>() : nullptr};
+void forward_rows(const std::array<Side, 2>& sides, int64_t ignore, double eps, const std::array<scalar_t*, 2>& grad,
+                  std::array<double, 2> grad_scale, std::vector<double>& row_loss, const std::array<double*, 2>& lse) {
+  using A = acc_t<scalar_t>;
+  constexpr bool kWiden = !std::is_same_v<scalar_t, A>;
+  const auto& f = loss_row_fns<A>();
+  const Side &s = sides[0], &t = sides[1];
   const int64_t blocks_s = (s.rows + kBlockRows - 1) / kBlockRows;
   const int64_t blocks = blocks_s + (t.rows + kBlockRows - 1) / kBlockRows;
   const int64_t C = std::max<int64_t>({s.classes, t.classes, 1});
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / (C * kBlockRows));
   at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
     const int64_t scratch = C <= kSmallClasses ? kBlockRows * C : C;
-    std::vector<acc_t> xs(kWiden ? scratch : 0), gs(kWiden ? scratch : 0);
+    std::vector<A> xs(kWiden ? scratch : 0), gs(kWiden ? scratch : 0);
     for (int64_t b = begin; b < end; ++b) {
       const int side = b < blocks_s ? 0 : 1;
-      const CeSide& d = *sides[side];
+      const Side& d = sides[side];
       const int64_t r0 = (side == 0 ? b : b - blocks_s) * kBlockRows;
       const int64_t n = std::min(kBlockRows, d.rows - r0), Cd = d.classes;
       double* loss = row_loss.data() + (side == 0 ? 0 : s.rows) + r0;
-      scalar_t* g = grad_p[side] ? grad_p[side] + r0 * Cd : nullptr;
+      double* lse_p = lse[side] + r0;
+      scalar_t* g = grad[side] ? grad[side] + r0 * Cd : nullptr;
       if (!d.evaluated) {  // a zero-weight side is not read at all
         std::fill(loss, loss + n, 0.0);
-        std::fill(lse_p[side] + r0, lse_p[side] + r0 + n, 0.0);
-        if (g) std::memset(g, 0, sizeof(scalar_t) * n * Cd);
+        std::fill(lse_p, lse_p + n, 0.0);
         continue;
       }
-      const acc_t sc = acc_t(grad_scale[side]);
+      const A sc = A(grad_scale[side]);
       if (Cd <= kSmallClasses) {
         // narrow rows: the whole block at once (bf16 widened into a float scratch block first)
-        const acc_t* x;
+        const A* x;
         int64_t stride;
         if constexpr (kWiden) {
           for (int64_t l = 0; l < n; ++l) at::vec::convert(d.row<scalar_t>(r0 + l), xs.data() + l * Cd, Cd);
@@ -77,8 +122,8 @@ void forward_rows(const CeSide& s, const CeSide& t, int64_t ignore, double eps, 
           x = d.row<scalar_t>(r0);
           stride = d.row_stride;
         }
-        acc_t* ga = g ? (kWiden ? gs.data() : reinterpret_cast<acc_t*>(g)) : nullptr;
-        f.ce_rows_small(x, stride, Cd, d.y + r0, n, ignore, acc_t(eps), ga, sc, lse_p[side] + r0, loss);
+        A* ga = g ? (kWiden ? gs.data() : reinterpret_cast<A*>(g)) : nullptr;
+        f.ce_rows_small(x, stride, Cd, d.y + r0, n, ignore, A(eps), ga, sc, lse_p, loss);
         if constexpr (kWiden) {
           if (g) at::vec::convert(gs.data(), g, n * Cd);
         }
@@ -90,85 +135,65 @@ void forward_rows(const CeSide& s, const CeSide& t, int64_t ignore, double eps, 
         scalar_t* gl = g ? g + l * Cd : nullptr;
         if (y == ignore) {
           loss[l] = 0.0;
-          lse_p[side][r0 + l] = 0.0;
+          lse_p[l] = 0.0;
           if (gl) std::memset(gl, 0, sizeof(scalar_t) * Cd);
           continue;
         }
         if constexpr (kWiden) {
           at::vec::convert(d.row<scalar_t>(r0 + l), xs.data(), Cd);
-          loss[l] = f.ce_row(xs.data(), Cd, y, acc_t(eps), gl ? gs.data() : nullptr, sc, lse_p[side] + r0 + l);
+          loss[l] = f.ce_row(xs.data(), Cd, y, A(eps), gl ? gs.data() : nullptr, sc, lse_p + l);
           if (gl) at::vec::convert(gs.data(), gl, Cd);
         } else {
-          loss[l] = f.ce_row(d.row<scalar_t>(r0 + l), Cd, y, acc_t(eps), gl, sc, lse_p[side] + r0 + l);
+          loss[l] = f.ce_row(d.row<scalar_t>(r0 + l), Cd, y, A(eps), gl, sc, lse_p + l);
         }
       }
     }
   });
 }
 
-using ForwardOut = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
-
-ForwardOut forward(const Tensor& sl, const Tensor& sy, const Tensor& tl, const Tensor& ty, const Tensor& alpha,
-                   int64_t ignore, double eps, int64_t reduction, std::array<bool, 2> write_grad) {
-  check_cross_entropy_args(sl, sy, tl, ty, alpha, eps, reduction);
-  TORCH_CHECK(alpha.is_cpu(), "alpha must be on the CPU for CPU inputs, got ", alpha.device());
-  const double a = cpu_alpha_value(alpha);
-  CeSide s = make_ce_side(sl, sy, 1.0 - a);
-  CeSide t = make_ce_side(tl, ty, a);
+LossForward forward(const Tensor& sl, const Tensor& sy, const Tensor& tl, const Tensor& ty, const Tensor& alpha,
+                    int64_t ignore, double eps, int64_t reduction, std::array<bool, 2> write_grad) {
+  const std::array<Side, 2> sides = make_sides(sl, sy, tl, ty, alpha, reduction);
   // Labels are checked before any arithmetic, so a bad label leaves nothing half-written.
-  const std::array<int64_t, 2> counts = {s.count_valid(ignore, "source_labels"), t.count_valid(ignore, "target_labels")};
-
+  const std::array<int64_t, 2> counts = {count_valid(sides[0], ignore), count_valid(sides[1], ignore)};
   const auto opts = sl.options();
-  std::array<Tensor, 2> lse = {at::empty({s.rows}, opts.dtype(at::kDouble)), at::empty({t.rows}, opts.dtype(at::kDouble))};
-  std::array<Tensor, 2> grads;
+  std::array<Tensor, 2> lse, grads, terms;
   std::array<double, 2> grad_scale{};
-  const std::array<const CeSide*, 2> sides = {&s, &t};
   for (int k = 0; k < 2; ++k) {
-    const CeSide& d = *sides[k];
-    const bool want = write_grad[k];
-    if (!want) {
-      grads[k] = at::empty({0}, opts);
-    } else if (!d.evaluated) {
-      grads[k] = at::zeros(d.logits_sizes, opts);
-    } else {
-      grads[k] = empty_large(d.logits_sizes, opts);
-    }
+    const Side& d = sides[k];
+    lse[k] = at::empty({d.rows}, opts.dtype(at::kDouble));
+    grads[k] = grad_buffer(plan_grad(write_grad[k], !d.evaluated), d.logits_sizes, opts, empty_large);
     grad_scale[k] = reduction == kMean ? d.weight / double(counts[k]) : d.weight;
   }
-  std::vector<double> row_loss(s.rows + t.rows);
+  std::vector<double> row_loss(sides[0].rows + sides[1].rows);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, sl.scalar_type(), "alpha_weighted_cross_entropy_cpu", [&] {
-    forward_rows<scalar_t>(s, t, ignore, eps, grads, grad_scale, row_loss, lse);
+    auto computed = [&](int k) { return sides[k].evaluated && write_grad[k] ? grads[k].data_ptr<scalar_t>() : nullptr; };
+    forward_rows<scalar_t>(sides, ignore, eps, {computed(0), computed(1)}, grad_scale, row_loss,
+                           {lse[0].data_ptr<double>(), lse[1].data_ptr<double>()});
   });
-
-  Tensor out0, out1;
-  if (reduction == kNone) {
-    auto emit = [&](const CeSide& d, int64_t offset) {
-      Tensor out = at::empty(d.label_sizes, opts.dtype(acc_type_for(sl.scalar_type())));
-      AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "awce_none", [&] {
+  const auto acc = at::toOpMathType(sl.scalar_type());
+  for (int k = 0; k < 2; ++k) {
+    const Side& d = sides[k];
+    const int64_t offset = k == 0 ? 0 : sides[0].rows;
+    if (reduction == kNone) {
+      Tensor out = at::empty(d.label_sizes, opts.dtype(acc));
+      AT_DISPATCH_FLOATING_TYPES(acc, "awce_none", [&] {
         auto* p = out.data_ptr<scalar_t>();
-        for (int64_t i = 0; i < d.rows; ++i) p[i] = scalar_t(d.weight * row_loss[offset + i]);
+        for (int64_t i = 0; i < d.rows; ++i) p[i] = d.evaluated ? scalar_t(d.weight * row_loss[offset + i]) : 0;
       });
-      return out.to(sl.scalar_type());
-    };
-    out0 = emit(s, 0);
-    out1 = emit(t, s.rows);
-  } else {
-    double total = 0.0;
-    const std::array<int64_t, 2> offset = {0, s.rows};
-    for (int k = 0; k < 2; ++k) {
-      const CeSide& d = *sides[k];
-      if (!d.evaluated) continue;  // a zero-weight term is not evaluated: no NaN from an empty side
-      double sum = 0.0;
-      for (int64_t i = 0; i < d.rows; ++i) sum += row_loss[offset[k] + i];
-      total += reduction == kMean ? d.weight * (sum / double(counts[k])) : d.weight * sum;
+      terms[k] = out.to(sl.scalar_type());
+      continue;
     }
-    out0 = at::scalar_tensor(total, opts);
-    out1 = empty_marker(sl);
+    double sum = 0.0;  // fixed order: the result does not depend on the thread count
+    for (int64_t i = 0; i < d.rows; ++i) sum += row_loss[offset + i];
+    // a zero-weight term is not evaluated: no NaN from an empty side's mean
+    const double term = !d.evaluated ? 0.0 : reduction == kMean ? d.weight * (sum / double(counts[k])) : d.weight * sum;
+    terms[k] = at::scalar_tensor(term, opts);
   }
   Tensor cnt = at::empty({2}, opts.dtype(at::kLong));
   cnt.data_ptr<int64_t>()[0] = counts[0];
   cnt.data_ptr<int64_t>()[1] = counts[1];
-  return {out0, out1, lse[0], lse[1], cnt, grads[0], grads[1]};
+  return {terms[0], terms[1], {lse[0], lse[1], cnt}, grads[0], grads[1]};
 }
 
 std::tuple<Tensor, Tensor> forward_public(const Tensor& sl, const Tensor& sy, const Tensor& tl, const Tensor& ty,
@@ -177,94 +202,83 @@ std::tuple<Tensor, Tensor> forward_public(const Tensor& sl, const Tensor& sy, co
   return {std::get<0>(out), std::get<1>(out)};
 }
 
+// Rows of the sides whose gradient is computed (grad[k] non-null) from the saved log-sum-exp.
+// row_scale[k] (nullable) holds per-row grad_outputs (reduction none), multiplied by scale[k].
 template <typename scalar_t>
-void backward_rows(const CeSide& s, const CeSide& t, int64_t ignore, double eps, std::array<Tensor, 2>& grads,
+void backward_rows(const std::array<Side, 2>& sides, int64_t ignore, double eps, const std::array<scalar_t*, 2>& grad,
                    const std::array<const double*, 2>& row_scale, std::array<double, 2> scale,
-                   const std::array<Tensor, 2>& lse) {
-  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-  constexpr bool kWiden = !std::is_same_v<scalar_t, acc_t>;
-  const auto& f = row_fns<acc_t>();
+                   const std::array<const double*, 2>& lse) {
+  using A = acc_t<scalar_t>;
+  constexpr bool kWiden = !std::is_same_v<scalar_t, A>;
+  const auto& f = loss_row_fns<A>();
+  const Side &s = sides[0], &t = sides[1];
   const int64_t C = std::max(s.classes, t.classes);
-  const double* const lse_p[2] = {lse[0].const_data_ptr<double>(), lse[1].const_data_ptr<double>()};
-  scalar_t* const grad_p[2] = {grads[0].numel() ? grads[0].data_ptr<scalar_t>() : nullptr,
-                               grads[1].numel() ? grads[1].data_ptr<scalar_t>() : nullptr};
   at::parallel_for(0, s.rows + t.rows, std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(C, 1)),
                    [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> xs(kWiden ? C : 0), gs(kWiden ? C : 0);
+    std::vector<A> xs(kWiden ? C : 0), gs(kWiden ? C : 0);
     for (int64_t r = begin; r < end; ++r) {
       const int side = r < s.rows ? 0 : 1;
-      if (grad_p[side] == nullptr) continue;
-      const CeSide& d = side == 0 ? s : t;
+      if (grad[side] == nullptr) continue;
+      const Side& d = sides[side];
       const int64_t i = side == 0 ? r : r - s.rows;
-      scalar_t* grow = grad_p[side] + i * d.classes;
-      const int64_t y = d.label(i);
+      scalar_t* grow = grad[side] + i * d.classes;
+      const int64_t y = d.y[i];
       if (y == ignore) {
         std::memset(grow, 0, sizeof(scalar_t) * d.classes);
         continue;
       }
-      const acc_t k = acc_t(row_scale[side] ? row_scale[side][i] * scale[side] : scale[side]);
-      const double l = lse_p[side][i];
+      const A k = A(row_scale[side] ? row_scale[side][i] * scale[side] : scale[side]);
       const scalar_t* x = d.row<scalar_t>(i);
       if constexpr (kWiden) {
         at::vec::convert(x, xs.data(), d.classes);
-        f.ce_grad_row(xs.data(), d.classes, y, acc_t(eps), l, k, gs.data());
+        f.ce_grad_row(xs.data(), d.classes, y, A(eps), lse[side][i], k, gs.data());
         at::vec::convert(gs.data(), grow, d.classes);
       } else {
-        f.ce_grad_row(x, d.classes, y, acc_t(eps), l, k, grow);
+        f.ce_grad_row(x, d.classes, y, A(eps), lse[side][i], k, grow);
       }
     }
   });
 }
 
-std::tuple<Tensor, Tensor> backward(const std::optional<Tensor>& g0, const std::optional<Tensor>& g1,
-                                    const Tensor& sl, const Tensor& sy, const Tensor& tl, const Tensor& ty,
-                                    const Tensor& alpha, const Tensor& lse_s, const Tensor& lse_t, const Tensor& counts,
-                                    int64_t ignore, double eps, int64_t reduction, std::array<bool, 2> mask) {
-  check_cross_entropy_args(sl, sy, tl, ty, alpha, eps, reduction);
-  const double a = cpu_alpha_value(alpha);
-  CeSide s = make_ce_side(sl, sy, 1.0 - a);
-  CeSide t = make_ce_side(tl, ty, a);
+SideGrads backward(const std::optional<Tensor>& g_s, const std::optional<Tensor>& g_t, const Tensor& sl,
+                   const Tensor& sy, const Tensor& tl, const Tensor& ty, const Tensor& alpha, at::TensorList saved,
+                   int64_t ignore, double eps, int64_t reduction, std::array<bool, 2> mask) {
+  const std::array<Side, 2> sides = make_sides(sl, sy, tl, ty, alpha, reduction);
+  TORCH_CHECK(saved.size() == 3 && saved[2].numel() == 2, "saved must be the forward's {lse, lse, counts}");
+  // Labels may have been changed in place since the forward: re-checked before they index anything.
+  count_valid(sides[0], ignore);
+  count_valid(sides[1], ignore);
+  const std::array<const std::optional<Tensor>*, 2> gout = {&g_s, &g_t};
+  const Tensor counts = saved[2].to(at::kCPU, at::kLong).contiguous();
+  const int64_t* cnt = counts.const_data_ptr<int64_t>();
   const auto opts = sl.options();
-  // Labels may have been changed in place since the forward: re-check before they index anything.
-  s.count_valid(ignore, "source_labels");
-  t.count_valid(ignore, "target_labels");
-  const std::array<const CeSide*, 2> sides = {&s, &t};
-  const std::array<const std::optional<Tensor>*, 2> gout = {&g0, &g1};
-  const int64_t* cnt = counts.data_ptr<int64_t>();
-  std::array<Tensor, 2> grads;
-  std::array<Tensor, 2> row_g;  // keeps per-row grad_outputs alive (reduction none)
+  std::array<Tensor, 2> grads, lse, row_g;  // row_g keeps per-row grad_outputs alive (reduction none)
   std::array<const double*, 2> row_scale = {nullptr, nullptr};
   std::array<double, 2> scale{};
+  std::array<bool, 2> run{};
   for (int k = 0; k < 2; ++k) {
-    const CeSide& d = *sides[k];
-    const bool want = mask[k];
-    const std::optional<Tensor>& go = reduction == kNone ? *gout[k] : g0;
-    if (!want) {
-      grads[k] = at::empty({0}, opts);
-      continue;
-    }
-    if (!d.evaluated || !go.has_value() || !go->defined()) {
-      grads[k] = at::zeros(d.logits_sizes, opts);
-      continue;
-    }
-    grads[k] = empty_large(d.logits_sizes, opts);
+    const Side& d = sides[k];
+    const std::optional<Tensor>& go = *gout[k];
+    const GradPlan plan = plan_grad(mask[k], !d.evaluated, go.has_value() && go->defined());
+    grads[k] = grad_buffer(plan, d.logits_sizes, opts, empty_large);
+    run[k] = plan == GradPlan::kCompute;
+    if (!run[k]) continue;
+    lse[k] = saved[k].to(at::kDouble).contiguous();
+    TORCH_CHECK(lse[k].numel() == d.rows, "saved lse does not match the logits");
     if (reduction == kNone) {
-      TORCH_CHECK_VALUE(go->numel() == d.rows, "grad_output for the ", k == 0 ? "source" : "target",
-                        " losses has ", go->numel(), " elements, expected ", d.rows);
+      TORCH_CHECK(go->numel() == d.rows, "grad_output of a per-row loss must have one element per row");
       row_g[k] = go->reshape({d.rows}).to(at::kDouble).contiguous();
-      row_scale[k] = row_g[k].data_ptr<double>();
+      row_scale[k] = row_g[k].const_data_ptr<double>();
       scale[k] = d.weight;
     } else {
-      const double gv = go->item<double>();
-      scale[k] = gv * (reduction == kMean ? d.weight / double(cnt[k]) : d.weight);
+      TORCH_CHECK(go->numel() == 1, "grad_output of a reduced loss must have one element");
+      scale[k] = go->item<double>() * (reduction == kMean ? d.weight / double(cnt[k]) : d.weight);
     }
   }
-  TORCH_CHECK(lse_s.scalar_type() == at::kDouble && lse_t.scalar_type() == at::kDouble && lse_s.numel() == s.rows &&
-                  lse_t.numel() == t.rows,
-              "_alpha_weighted_cross_entropy_backward: lse tensors do not match the logits");
-  const std::array<Tensor, 2> lse = {lse_s.contiguous(), lse_t.contiguous()};
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, sl.scalar_type(), "alpha_weighted_cross_entropy_backward_cpu", [&] {
-    backward_rows<scalar_t>(s, t, ignore, eps, grads, row_scale, scale, lse);
+    auto computed = [&](int k) { return run[k] ? grads[k].data_ptr<scalar_t>() : nullptr; };
+    auto lse_of = [&](int k) { return run[k] ? lse[k].const_data_ptr<double>() : nullptr; };
+    backward_rows<scalar_t>(sides, ignore, eps, {computed(0), computed(1)}, row_scale, scale, {lse_of(0), lse_of(1)});
   });
   return {grads[0], grads[1]};
 }
@@ -272,9 +286,9 @@ std::tuple<Tensor, Tensor> backward(const std::optional<Tensor>& g0, const std::
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastadapt, CPU, m) {
-  m.impl("alpha_weighted_cross_entropy", &forward_public);
-  m.impl("_alpha_weighted_cross_entropy_forward", &forward);
-  m.impl("_alpha_weighted_cross_entropy_backward", &backward);
+  FASTADAPT_IMPL(m, alpha_weighted_cross_entropy, forward_public);
+  FASTADAPT_IMPL(m, _alpha_weighted_cross_entropy_forward, forward);
+  FASTADAPT_IMPL(m, _alpha_weighted_cross_entropy_backward, backward);
 }
 
 }  // namespace fastadapt::cpu

@@ -13,7 +13,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -22,8 +21,9 @@
 #include <algorithm>
 #include <array>
 
+#include "alpha_weighted_mse.h"
 #include "cuda/common.cuh"
-#include "loss_common.h"
+#include "register.h"
 
 namespace fastadapt::cuda {
 namespace {
@@ -41,7 +41,7 @@ struct MseSideDev {
   bool vec = false;                      // every pointer of this side is 16-byte aligned
   void* out_none = nullptr;              // scalar_t (n,) weighted squared errors, or null
   void* grad = nullptr;                  // scalar_t (n,) gradient wrt pred, or null
-  const void* g_elem = nullptr;          // scalar_t (n,) elementwise grad_output (reduction none), or null
+  const void* g_elem = nullptr;          // acc_t (n,) elementwise grad_output (reduction none), or null
   const double* g_dev = nullptr;         // scalar grad_output on the device, else g_host
   double g_host = 1.0;
 };
@@ -68,7 +68,7 @@ __global__ __launch_bounds__(kThreads) void mse_kernel(const MseArgs p) {
   const scalar_t* y = static_cast<const scalar_t*>(d.target);
   scalar_t* out = static_cast<scalar_t*>(d.out_none);
   scalar_t* grad = static_cast<scalar_t*>(d.grad);
-  const scalar_t* ge = static_cast<const scalar_t*>(d.g_elem);
+  const A* ge = static_cast<const A*>(d.g_elem);
   // d loss / d pred = g * 2w (d / n for mean); formed in double, rounded once to the acc type
   const double base = p.reduction == kMean ? 2.0 * w / static_cast<double>(d.n) : 2.0 * w;
   const A k_scalar = static_cast<A>((d.g_dev ? *d.g_dev : d.g_host) * base);
@@ -92,13 +92,12 @@ __global__ __launch_bounds__(kThreads) void mse_kernel(const MseArgs p) {
     scalar_begin = nvec * VN;
     for (int64_t v = tid; v < nvec; v += nthreads) {
       const int64_t e = v * VN;
-      V xv, yv, gv, ov, gr;
+      V xv, yv, ov, gr;
       *reinterpret_cast<uint4*>(&xv) = __ldg(reinterpret_cast<const uint4*>(x + e));
       *reinterpret_cast<uint4*>(&yv) = __ldg(reinterpret_cast<const uint4*>(y + e));
-      if (ge) *reinterpret_cast<uint4*>(&gv) = __ldg(reinterpret_cast<const uint4*>(ge + e));
 #pragma unroll
       for (int k = 0; k < VN; ++k) {
-        one(static_cast<A>(xv.v[k]), static_cast<A>(yv.v[k]), ge ? static_cast<A>(gv.v[k]) : A(0), ov.v[k], gr.v[k]);
+        one(static_cast<A>(xv.v[k]), static_cast<A>(yv.v[k]), ge ? ge[e + k] : A(0), ov.v[k], gr.v[k]);
       }
       if (out) *reinterpret_cast<uint4*>(out + e) = *reinterpret_cast<const uint4*>(&ov);
       if (grad) *reinterpret_cast<uint4*>(grad + e) = *reinterpret_cast<const uint4*>(&gr);
@@ -106,7 +105,7 @@ __global__ __launch_bounds__(kThreads) void mse_kernel(const MseArgs p) {
   }
   for (int64_t e = scalar_begin + tid; e < d.n; e += nthreads) {
     scalar_t o, gr;
-    one(static_cast<A>(x[e]), static_cast<A>(y[e]), ge ? static_cast<A>(ge[e]) : A(0), o, gr);
+    one(static_cast<A>(x[e]), static_cast<A>(y[e]), ge ? ge[e] : A(0), o, gr);
     if (out) out[e] = o;
     if (grad) grad[e] = gr;
   }
@@ -118,35 +117,23 @@ __global__ __launch_bounds__(kThreads) void mse_kernel(const MseArgs p) {
 
 constexpr int kFinalizeThreads = 512;
 
+// One block: each side's weighted term from its blocks' partial sums, in a fixed order.
 template <typename scalar_t>
-__global__ __launch_bounds__(kFinalizeThreads) void mse_finalize_kernel(const MseArgs p, scalar_t* out0) {
+__global__ __launch_bounds__(kFinalizeThreads) void mse_finalize_kernel(const MseArgs p, scalar_t* term_s,
+                                                                         scalar_t* term_t) {
   __shared__ double smem[kFinalizeThreads / 32];
-  double total = 0.0;
   for (int sd = 0; sd < 2; ++sd) {
     const MseSideDev& d = p.s[sd];
     const double w = side_weight(p.alpha, sd);
-    if (w == 0.0) continue;  // uniform; a zero-weight term is not evaluated
-    double sum = 0.0;
-    for (int64_t b = threadIdx.x; b < d.nblocks; b += blockDim.x) sum += p.partials[d.block_begin + b];
-    sum = block_sum(sum, smem);
-    total += p.reduction == kMean ? w * (sum / static_cast<double>(d.n)) : w * sum;
+    double term = 0.0;
+    if (w != 0.0) {  // uniform; a zero-weight term is not evaluated
+      double sum = 0.0;
+      for (int64_t b = threadIdx.x; b < d.nblocks; b += blockDim.x) sum += p.partials[d.block_begin + b];
+      sum = block_sum(sum, smem);
+      term = p.reduction == kMean ? w * (sum / static_cast<double>(d.n)) : w * sum;
+    }
+    if (threadIdx.x == 0) *(sd == 0 ? term_s : term_t) = static_cast<scalar_t>(term);
   }
-  if (threadIdx.x == 0) *out0 = static_cast<scalar_t>(total);
-}
-
-struct HostSide {
-  Tensor pred, target;
-  std::vector<int64_t> sizes;
-  int64_t n = 0;
-};
-
-HostSide make_side(const Tensor& pred, const Tensor& target) {
-  HostSide h;
-  h.sizes = pred.sizes().vec();
-  h.n = pred.numel();
-  h.pred = pred.contiguous();
-  h.target = target.contiguous();
-  return h;
 }
 
 int64_t blocks_for(int64_t n, int vn) {
@@ -154,101 +141,93 @@ int64_t blocks_for(int64_t n, int vn) {
   return std::min<int64_t>((n + per_block - 1) / per_block, kMaxBlocksPerSide);
 }
 
-// Fills p.s[k] from h[k]; nblocks 0 for a side whose weight is known on the host to be 0.
-void setup_sides(MseArgs& p, const std::array<HostSide, 2>& h, int vn) {
+// The sides' block ranges in the grid; a side that runs no blocks (weight known to be 0, or nothing
+// to compute in backward) gets none.
+void assign_blocks(MseArgs& p, const std::array<bool, 2>& run, int vn) {
   int64_t begin = 0;
   for (int k = 0; k < 2; ++k) {
-    auto& d = p.s[k];
-    d.pred = h[k].pred.const_data_ptr();
-    d.target = h[k].target.const_data_ptr();
-    d.n = h[k].n;
-    d.nblocks = host_weight_is_zero(p.alpha, k) ? 0 : blocks_for(h[k].n, vn);
+    MseSideDev& d = p.s[k];
+    d.nblocks = run[k] ? blocks_for(d.n, vn) : 0;
     d.block_begin = begin;
     begin += d.nblocks;
+    // the elementwise grad_output (acc_t) is read element by element, so it does not constrain this
+    d.vec = aligned16(d.pred) && aligned16(d.target) && aligned16(d.out_none) && aligned16(d.grad);
   }
 }
 
-void finish_vec_flags(MseArgs& p) {
-  for (auto& d : p.s) {
-    d.vec = aligned16(d.pred) && aligned16(d.target) && aligned16(d.out_none) && aligned16(d.grad) &&
-            aligned16(d.g_elem);
-  }
-}
-
-int vec_elems(at::ScalarType t) { return kVecBytes / static_cast<int>(c10::elementSize(t)); }
-
-void launch(const MseArgs& p, at::ScalarType dtype, Tensor* out0, cudaStream_t stream) {
+void launch(const MseArgs& p, at::ScalarType dtype, std::array<Tensor, 2>* terms, cudaStream_t stream) {
   const int64_t blocks = p.s[0].nblocks + p.s[1].nblocks;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "alpha_weighted_mse_cuda", [&] {
     if (blocks > 0) {
       mse_kernel<scalar_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    if (out0) {
-      mse_finalize_kernel<scalar_t><<<1, kFinalizeThreads, 0, stream>>>(p, out0->mutable_data_ptr<scalar_t>());
+    if (terms) {
+      mse_finalize_kernel<scalar_t><<<1, kFinalizeThreads, 0, stream>>>(
+          p, (*terms)[0].mutable_data_ptr<scalar_t>(), (*terms)[1].mutable_data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
 }
 
-// What forward and backward both need: checked arguments, the flattened sides and the kernel
-// parameters that do not depend on the pass. Keeps the tensors the parameters point into alive.
+// What forward and backward both need: the flattened sides and the parameters that do not depend on
+// the pass. Keeps the tensors the parameters point into alive.
 struct MseCall {
   Tensor alpha_keep;
-  std::array<HostSide, 2> h;
+  std::array<MseSide, 2> h;
   MseArgs p;
+  SideWeights w;
 };
 
 MseCall prepare_call(const Tensor& sp, const Tensor& st, const Tensor& tp, const Tensor& tt, const Tensor& alpha,
                      int64_t reduction) {
-  check_mse_args(sp, st, tp, tt, alpha, reduction);
-  TORCH_CHECK(sp.is_cuda(), "fastadapt CUDA kernel called with ", sp.device(), " tensors");
-  MseCall c{Tensor(), {make_side(sp, st), make_side(tp, tt)}, MseArgs()};
+  check_reduction(reduction);
+  check_on_device({&sp, &st, &tp, &tt}, alpha);
+  TORCH_CHECK(sp.scalar_type() == tp.scalar_type(), "source and target predictions must share a dtype");
+  MseCall c{Tensor(), {make_mse_side(sp, st), make_mse_side(tp, tt)}, MseArgs(), side_weights(alpha)};
   c.p.alpha = make_alpha_arg(alpha, c.alpha_keep);
   c.p.reduction = static_cast<int>(reduction);
-  setup_sides(c.p, c.h, vec_elems(sp.scalar_type()));
+  for (int k = 0; k < 2; ++k) {
+    c.p.s[k].pred = c.h[k].pred.const_data_ptr();
+    c.p.s[k].target = c.h[k].target.const_data_ptr();
+    c.p.s[k].n = c.h[k].n;
+  }
   return c;
 }
 
-using ForwardOut = std::tuple<Tensor, Tensor, Tensor, Tensor>;
+int vec_elems(at::ScalarType t) { return kVecBytes / static_cast<int>(c10::elementSize(t)); }
 
-ForwardOut forward(const Tensor& sp, const Tensor& st, const Tensor& tp, const Tensor& tt, const Tensor& alpha,
-                   int64_t reduction, std::array<bool, 2> write_grad) {
+LossForward forward(const Tensor& sp, const Tensor& st, const Tensor& tp, const Tensor& tt, const Tensor& alpha,
+                    int64_t reduction, std::array<bool, 2> write_grad) {
   c10::cuda::CUDAGuard device_guard(sp.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   MseCall call = prepare_call(sp, st, tp, tt, alpha, reduction);
   MseArgs& p = call.p;
-  const std::array<HostSide, 2>& h = call.h;
   const auto opts = sp.options();
-
-  Tensor out0, out1, partials;
-  std::array<Tensor, 2> grads;
+  std::array<Tensor, 2> terms, grads;
+  Tensor partials;
   for (int k = 0; k < 2; ++k) {
-    const bool zero = host_weight_is_zero(p.alpha, k);
+    const bool skipped = call.w.skipped(k);
     if (reduction == kNone) {
-      Tensor o = zero ? at::zeros(h[k].sizes, opts) : at::empty(h[k].sizes, opts);
-      if (!zero) p.s[k].out_none = o.mutable_data_ptr();
-      (k == 0 ? out0 : out1) = o;
-    }
-    if (!write_grad[k]) {
-      grads[k] = at::empty({0}, opts);
-    } else if (zero) {
-      grads[k] = at::zeros(h[k].sizes, opts);
+      terms[k] = grad_buffer(plan_grad(true, skipped), call.h[k].sizes, opts, empty_tensor);
+      if (!skipped) p.s[k].out_none = terms[k].mutable_data_ptr();
     } else {
-      grads[k] = at::empty(h[k].sizes, opts);
+      terms[k] = at::empty({}, opts);
+    }
+    const GradPlan plan = plan_grad(write_grad[k], skipped);
+    grads[k] = grad_buffer(plan, call.h[k].sizes, opts, empty_tensor);
+    if (plan == GradPlan::kCompute) {
       p.s[k].grad = grads[k].mutable_data_ptr();
       p.s[k].g_host = 1.0;
     }
   }
+  assign_blocks(p, {!call.w.skipped(0), !call.w.skipped(1)}, vec_elems(sp.scalar_type()));
   if (reduction != kNone) {
-    out0 = at::empty({}, opts);
-    out1 = empty_marker(sp);
     partials = at::empty({std::max<int64_t>(p.s[0].nblocks + p.s[1].nblocks, 1)}, opts.dtype(at::kDouble));
     p.partials = partials.mutable_data_ptr<double>();
   }
-  finish_vec_flags(p);
-  launch(p, sp.scalar_type(), reduction != kNone ? &out0 : nullptr, stream);
-  return {out0, out1, grads[0], grads[1]};
+  launch(p, sp.scalar_type(), reduction != kNone ? &terms : nullptr, stream);
+  return {terms[0], terms[1], {}, grads[0], grads[1]};
 }
 
 std::tuple<Tensor, Tensor> forward_public(const Tensor& sp, const Tensor& st, const Tensor& tp, const Tensor& tt,
@@ -257,40 +236,34 @@ std::tuple<Tensor, Tensor> forward_public(const Tensor& sp, const Tensor& st, co
   return {std::get<0>(out), std::get<1>(out)};
 }
 
-std::tuple<Tensor, Tensor> backward(const std::optional<Tensor>& g0, const std::optional<Tensor>& g1,
-                                    const Tensor& sp, const Tensor& st, const Tensor& tp, const Tensor& tt,
-                                    const Tensor& alpha, int64_t reduction, std::array<bool, 2> mask) {
+SideGrads backward(const std::optional<Tensor>& g_s, const std::optional<Tensor>& g_t, const Tensor& sp,
+                   const Tensor& st, const Tensor& tp, const Tensor& tt, const Tensor& alpha, at::TensorList saved,
+                   int64_t reduction, std::array<bool, 2> mask) {
   c10::cuda::CUDAGuard device_guard(sp.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   MseCall call = prepare_call(sp, st, tp, tt, alpha, reduction);
+  TORCH_CHECK(saved.empty(), "saved must be the forward's (empty) list");
   MseArgs& p = call.p;
-  const std::array<HostSide, 2>& h = call.h;
   const auto opts = sp.options();
-  const std::array<const std::optional<Tensor>*, 2> gout = {&g0, &g1};
+  const auto acc = at::toOpMathType(sp.scalar_type());
+  const std::array<const std::optional<Tensor>*, 2> gout = {&g_s, &g_t};
   std::array<Tensor, 2> grads, keep;
+  std::array<bool, 2> run{};
   for (int k = 0; k < 2; ++k) {
-    const std::optional<Tensor>& go = reduction == kNone ? *gout[k] : g0;
-    const bool run = mask[k] && !host_weight_is_zero(p.alpha, k) && go.has_value() && go->defined();
-    if (!mask[k]) {
-      grads[k] = at::empty({0}, opts);
-    } else if (!run) {
-      grads[k] = at::zeros(h[k].sizes, opts);
-    }
-    if (!run) {
-      p.s[k].nblocks = 0;
-      continue;
-    }
-    grads[k] = at::empty(h[k].sizes, opts);
+    const std::optional<Tensor>& go = *gout[k];
+    const GradPlan plan = plan_grad(mask[k], call.w.skipped(k), go.has_value() && go->defined());
+    grads[k] = grad_buffer(plan, call.h[k].sizes, opts, empty_tensor);
+    run[k] = plan == GradPlan::kCompute;
+    if (!run[k]) continue;
     p.s[k].grad = grads[k].mutable_data_ptr();
     const Tensor& g = *go;
     const bool scalar_g = reduction != kNone ||
                           (g.numel() > 0 && std::all_of(g.strides().begin(), g.strides().end(),
                                                         [](int64_t s) { return s == 0; }));
     if (reduction == kNone) {
-      TORCH_CHECK_VALUE(g.numel() == h[k].n, "grad_output for the ", k == 0 ? "source" : "target", " losses has ",
-                        g.numel(), " elements, expected ", h[k].n);
+      TORCH_CHECK(g.numel() == p.s[k].n, "grad_output of a per-element loss must have one element per element");
     } else {
-      TORCH_CHECK_VALUE(g.numel() == 1, "grad_output of a reduced loss must have 1 element, got ", g.numel());
+      TORCH_CHECK(g.numel() == 1, "grad_output of a reduced loss must have one element");
     }
     if (scalar_g) {
       // one value (also an expanded grad_output, stride 0 everywhere: read it once, not n times)
@@ -301,14 +274,12 @@ std::tuple<Tensor, Tensor> backward(const std::optional<Tensor>& g0, const std::
         p.s[k].g_dev = keep[k].const_data_ptr<double>();
       }
     } else {
-      keep[k] = g.to(sp.device(), sp.scalar_type()).contiguous();
+      // in the accumulation type: the per-element grad_output is not rounded to the input's dtype
+      keep[k] = g.to(sp.device(), acc).contiguous();
       p.s[k].g_elem = keep[k].const_data_ptr();
     }
   }
-  // block ranges change when a side is dropped
-  p.s[0].block_begin = 0;
-  p.s[1].block_begin = p.s[0].nblocks;
-  finish_vec_flags(p);
+  assign_blocks(p, run, vec_elems(sp.scalar_type()));
   launch(p, sp.scalar_type(), nullptr, stream);
   return {grads[0], grads[1]};
 }
@@ -316,9 +287,9 @@ std::tuple<Tensor, Tensor> backward(const std::optional<Tensor>& g0, const std::
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastadapt, CUDA, m) {
-  m.impl("alpha_weighted_mse", &forward_public);
-  m.impl("_alpha_weighted_mse_forward", &forward);
-  m.impl("_alpha_weighted_mse_backward", &backward);
+  FASTADAPT_IMPL(m, alpha_weighted_mse, forward_public);
+  FASTADAPT_IMPL(m, _alpha_weighted_mse_forward, forward);
+  FASTADAPT_IMPL(m, _alpha_weighted_mse_backward, backward);
 }
 
 }  // namespace fastadapt::cuda

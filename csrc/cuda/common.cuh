@@ -6,23 +6,12 @@
 #include <c10/util/Half.h>
 
 #include <cstdint>
+#include <initializer_list>
 #include <limits>
 
-#include "loss_common.h"
+#include "two_sided.h"
 
 namespace fastadapt::cuda {
-
-// float64 inputs accumulate in double, everything else in float (matches acc_type_for()).
-template <typename T>
-struct Acc {
-  using type = float;
-};
-template <>
-struct Acc<double> {
-  using type = double;
-};
-template <typename T>
-using acc_t = typename Acc<T>::type;
 
 constexpr int kVecBytes = 16;
 
@@ -47,26 +36,27 @@ __device__ __forceinline__ A dnan() {
 }
 
 // alpha: read from device memory when `dev` is set (a device-resident alpha, so a schedule can change
-// it between steps without a host sync or a recompile), else the host value validated on the host.
+// it between steps without a host sync or a recompile), else the host value.
 struct AlphaArg {
   const double* dev = nullptr;
   double host = 0.0;
 };
 
-// Side weight: source 1-alpha, target alpha. A device alpha outside [0, 1] (or NaN) cannot raise
-// without a host sync, so it turns the weight into NaN: every output of the call becomes NaN.
+// Side weight, as weight_of() in two_sided.h: source 1-alpha, target alpha; an alpha outside [0, 1]
+// (or NaN) cannot raise on the device without a host sync, so it makes the weight NaN and with it
+// every output of the call.
 __device__ __forceinline__ double side_weight(const AlphaArg& a, int side) {
   const double v = a.dev ? *a.dev : a.host;
   if (!(v >= 0.0 && v <= 1.0)) return std::numeric_limits<double>::quiet_NaN();
   return side == 0 ? 1.0 - v : v;
 }
 
-// Host side: a CPU alpha is validated and passed by value; a device alpha is widened to double on the
-// stream (no sync). `keep` holds the widened copy alive until the launches are queued.
+// Host side: a CPU alpha is passed by value; a device alpha is widened to double on the stream (no
+// sync). `keep` holds the widened copy alive until the launches are queued.
 inline AlphaArg make_alpha_arg(const at::Tensor& alpha, at::Tensor& keep) {
   AlphaArg a;
   if (alpha.is_cpu()) {
-    a.host = cpu_alpha_value(alpha);
+    a.host = alpha.item<double>();
   } else {
     keep = alpha.reshape({}).to(at::kDouble).contiguous();
     a.dev = keep.const_data_ptr<double>();
@@ -74,10 +64,12 @@ inline AlphaArg make_alpha_arg(const at::Tensor& alpha, at::Tensor& keep) {
   return a;
 }
 
-// Host weights when alpha is on the host (to skip work / allocate zeros up front); nullopt otherwise.
-inline bool host_weight_is_zero(const AlphaArg& a, int side) {
-  if (a.dev) return false;
-  return (side == 0 ? 1.0 - a.host : a.host) == 0.0;
+// Every tensor of a call on the kernel's device (alpha may also be a CPU tensor).
+inline void check_on_device(std::initializer_list<const at::Tensor*> tensors, const at::Tensor& alpha) {
+  const auto dev = (*tensors.begin())->device();
+  TORCH_CHECK(dev.is_cuda(), "fastadapt CUDA kernel called with ", dev, " tensors");
+  for (const at::Tensor* t : tensors) TORCH_CHECK(t->device() == dev, "all inputs must be on ", dev);
+  TORCH_CHECK(alpha.is_cpu() || alpha.device() == dev, "alpha must be on the CPU or on ", dev);
 }
 
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) % kVecBytes) == 0; }

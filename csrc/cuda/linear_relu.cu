@@ -16,6 +16,7 @@
 #include <ATen/ops/mm.h>
 #include <ATen/ops/relu.h>
 #include <ATen/ops/zeros.h>
+#include <c10/util/accumulate.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -25,7 +26,8 @@
 #include <climits>
 
 #include "cuda/common.cuh"
-#include "loss_common.h"
+#include "linear_relu.h"
+#include "register.h"
 
 namespace fastadapt::cuda {
 namespace {
@@ -75,23 +77,25 @@ __global__ void bias_finalize_kernel(const acc_t<scalar_t>* __restrict__ partial
   gb[c] = static_cast<scalar_t>(s);
 }
 
+// The shapes the kernels index with; user-facing checks are fastadapt/ops/linear_relu.py's.
 void check_args(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias) {
-  check_float_input("x", x);
-  TORCH_CHECK_VALUE(weight.dim() == 2, "weight must be 2-D (out_features, in_features), got shape ", weight.sizes());
-  TORCH_CHECK_VALUE(x.dim() >= 1, "x must have a feature dimension (shape (..., in_features))");
-  TORCH_CHECK_VALUE(x.size(-1) == weight.size(1), "x has ", x.size(-1), " features (shape ", x.sizes(),
-                    ") but weight expects ", weight.size(1), " (shape ", weight.sizes(), ")");
-  TORCH_CHECK_TYPE(weight.scalar_type() == x.scalar_type(), "weight has dtype ", weight.scalar_type(),
-                   " but x has dtype ", x.scalar_type(), "; they must match");
-  check_same_device("x", x, "weight", weight);
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == weight.size(0), "bias must have shape (",
-                      weight.size(0), ",), got ", bias->sizes());
-    TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), "bias has dtype ", bias->scalar_type(),
-                     " but x has dtype ", x.scalar_type(), "; they must match");
-    check_same_device("x", x, "bias", *bias);
-  }
   TORCH_CHECK(x.is_cuda(), "fastadapt CUDA kernel called with ", x.device(), " tensors");
+  TORCH_CHECK(x.dim() >= 1 && weight.dim() == 2 && x.size(-1) == weight.size(1),
+              "linear_relu: x (..., in) and weight (out, in) do not match");
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type() && weight.device() == x.device(),
+              "linear_relu: weight must have x's dtype and device");
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0) && bias->scalar_type() == x.scalar_type() &&
+                    bias->device() == x.device(),
+                "linear_relu: bias must be (out,) with x's dtype and device");
+  }
+}
+
+// x as (rows, in_features), the row count taken from the sizes: reshape({-1, 0}) cannot infer it when
+// in_features is 0.
+Tensor as_rows(const Tensor& x) {
+  const int64_t rows = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
+  return x.reshape({rows, x.size(-1)});
 }
 
 std::vector<int64_t> out_sizes(const Tensor& x, int64_t out) {
@@ -104,7 +108,7 @@ Tensor linear_relu(const Tensor& x, const Tensor& weight, const std::optional<Te
   check_args(x, weight, bias);
   c10::cuda::CUDAGuard device_guard(x.device());
   const int64_t in = weight.size(1), out = weight.size(0);
-  const Tensor x2d = x.reshape({-1, in});
+  const Tensor x2d = as_rows(x);
   const bool has_bias = bias.has_value() && bias->defined();
   Tensor y;
   if (in == 0) {
@@ -124,18 +128,14 @@ std::tuple<Tensor, Tensor, Tensor> linear_relu_backward(const Tensor& grad_outpu
   check_args(x, weight, std::nullopt);
   const int64_t in = weight.size(1), out = weight.size(0);
   const auto osz = out_sizes(x, out);
-  TORCH_CHECK_VALUE(output.sizes() == c10::IntArrayRef(osz), "output has shape ", output.sizes(), ", expected ",
-                    c10::IntArrayRef(osz));
-  TORCH_CHECK_VALUE(grad_output.sizes() == output.sizes(), "grad_output has shape ", grad_output.sizes(),
-                    " but output has shape ", output.sizes());
-  TORCH_CHECK_TYPE(output.scalar_type() == x.scalar_type() && grad_output.scalar_type() == x.scalar_type(),
-                   "grad_output and output must have the dtype of x (", x.scalar_type(), ")");
-  check_same_device("x", x, "output", output);
-  check_same_device("x", x, "grad_output", grad_output);
+  TORCH_CHECK(output.sizes() == c10::IntArrayRef(osz) && grad_output.sizes() == output.sizes() &&
+                  grad_output.scalar_type() == x.scalar_type() && output.scalar_type() == x.scalar_type() &&
+                  output.device() == x.device() && grad_output.device() == x.device(),
+              "_linear_relu_backward: grad_output and output must be (..., out) with x's dtype and device");
   c10::cuda::CUDAGuard device_guard(x.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const auto opts = x.options();
-  const Tensor x2d = x.reshape({-1, in});
+  const Tensor x2d = as_rows(x);
   const int64_t M = x2d.size(0);
   const Tensor g2 = grad_output.reshape({M, out}).contiguous();
   const Tensor y2 = output.reshape({M, out}).contiguous();
@@ -174,8 +174,8 @@ std::tuple<Tensor, Tensor, Tensor> linear_relu_backward(const Tensor& grad_outpu
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastadapt, CUDA, m) {
-  m.impl("linear_relu", &linear_relu);
-  m.impl("_linear_relu_backward", &linear_relu_backward);
+  FASTADAPT_IMPL(m, linear_relu, linear_relu);
+  FASTADAPT_IMPL(m, _linear_relu_backward, linear_relu_backward);
 }
 
 }  // namespace fastadapt::cuda

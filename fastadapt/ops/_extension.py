@@ -20,10 +20,7 @@ if os.environ.get("FASTADAPT_DISABLE_EXTENSION", "0") not in ("", "0"):
 else:
     try:
         from fastadapt import _C  # noqa: F811  (loading it registers the fastadapt:: ops)
-    except ImportError as exc:  # missing file, undefined symbol, ABI mismatch
-        _C = None
-        _load_error = f"{type(exc).__name__}: {exc}"
-    except OSError as exc:
+    except (ImportError, OSError) as exc:  # missing file, undefined symbol, ABI mismatch
         _C = None
         _load_error = f"{type(exc).__name__}: {exc}"
 
@@ -61,7 +58,7 @@ def build_info() -> dict:
         "fastadapt_version": _version(),
         "torch_runtime": torch.__version__,
         "torch_built_against": getattr(_C, "torch_version", None),
-        "cpu_kernels": bool(_C is not None and _C.with_cpu),
+        "cpu_kernels": _C is not None,
         "cuda_kernels": bool(_C is not None and _C.with_cuda),
         "cuda_archs": (getattr(_C, "cuda_archs", "") or None) if _C is not None else None,
         "extension_loaded": _C is not None,

@@ -1,5 +1,5 @@
 """Fake (meta) kernels for every compiled op, so torch.compile and opcheck can trace them without
-running them. Shapes here must match the C++ kernels exactly."""
+running them. Shapes here must match the C++ kernels exactly (csrc/<op>.h states them)."""
 from __future__ import annotations
 
 import torch
@@ -7,10 +7,11 @@ import torch
 from fastadapt.ops._extension import has_ops
 
 
-def _pair_outputs(reduction, s_shape, t_shape, like):
+def _terms(reduction, s_shape, t_shape, like):
+    """A two-sided loss's weighted terms: per row/element for reduction none (0), else 0-dim each."""
     if reduction == 0:
         return like.new_empty(s_shape), like.new_empty(t_shape)
-    return like.new_empty(()), like.new_empty((0,))
+    return like.new_empty(()), like.new_empty(())
 
 
 def _grad_or_empty(flag, like):
@@ -22,32 +23,31 @@ if has_ops():
 
     @torch.library.register_fake(lib + "alpha_weighted_cross_entropy")
     def _(sl, sy, tl, ty, alpha, ignore_index, label_smoothing, reduction):
-        return _pair_outputs(reduction, sy.shape, ty.shape, sl)
+        return _terms(reduction, sy.shape, ty.shape, sl)
 
     @torch.library.register_fake(lib + "_alpha_weighted_cross_entropy_forward")
     def _(sl, sy, tl, ty, alpha, ignore_index, label_smoothing, reduction, write_grad):
-        out0, out1 = _pair_outputs(reduction, sy.shape, ty.shape, sl)
-        # log-sum-exp per row, float64 whatever the logits (see csrc/cpu/loss_rows.h)
-        lse_s = sl.new_empty((sy.numel(),), dtype=torch.float64)
-        lse_t = tl.new_empty((ty.numel(),), dtype=torch.float64)
-        counts = sl.new_empty((2,), dtype=torch.int64)
-        return out0, out1, lse_s, lse_t, counts, _grad_or_empty(write_grad[0], sl), _grad_or_empty(write_grad[1], tl)
+        term_s, term_t = _terms(reduction, sy.shape, ty.shape, sl)
+        # per-row log-sum-exp, float64 whatever the logits (csrc/cpu/row_kernels.h), and the two counts
+        saved = [sl.new_empty((sy.numel(),), dtype=torch.float64), tl.new_empty((ty.numel(),), dtype=torch.float64),
+                 sl.new_empty((2,), dtype=torch.int64)]
+        return term_s, term_t, saved, _grad_or_empty(write_grad[0], sl), _grad_or_empty(write_grad[1], tl)
 
     @torch.library.register_fake(lib + "_alpha_weighted_cross_entropy_backward")
-    def _(g0, g1, sl, sy, tl, ty, alpha, lse_s, lse_t, counts, ignore_index, label_smoothing, reduction, mask):
+    def _(g_s, g_t, sl, sy, tl, ty, alpha, saved, ignore_index, label_smoothing, reduction, mask):
         return _grad_or_empty(mask[0], sl), _grad_or_empty(mask[1], tl)
 
     @torch.library.register_fake(lib + "alpha_weighted_mse")
     def _(sp, st, tp, tt, alpha, reduction):
-        return _pair_outputs(reduction, sp.shape, tp.shape, sp)
+        return _terms(reduction, sp.shape, tp.shape, sp)
 
     @torch.library.register_fake(lib + "_alpha_weighted_mse_forward")
     def _(sp, st, tp, tt, alpha, reduction, write_grad):
-        out0, out1 = _pair_outputs(reduction, sp.shape, tp.shape, sp)
-        return out0, out1, _grad_or_empty(write_grad[0], sp), _grad_or_empty(write_grad[1], tp)
+        term_s, term_t = _terms(reduction, sp.shape, tp.shape, sp)
+        return term_s, term_t, [], _grad_or_empty(write_grad[0], sp), _grad_or_empty(write_grad[1], tp)
 
     @torch.library.register_fake(lib + "_alpha_weighted_mse_backward")
-    def _(g0, g1, sp, st, tp, tt, alpha, reduction, mask):
+    def _(g_s, g_t, sp, st, tp, tt, alpha, saved, reduction, mask):
         return _grad_or_empty(mask[0], sp), _grad_or_empty(mask[1], tp)
 
     @torch.library.register_fake(lib + "linear_relu")

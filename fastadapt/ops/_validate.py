@@ -1,15 +1,21 @@
-"""Argument checks shared by the compiled path and the fallback, so both fail the same way and before
-any kernel runs. Each message names the argument and the bad value."""
+"""The argument checks of every op, in one place: both the compiled kernels and the pure-PyTorch
+fallback run behind them, so both fail the same way and before any kernel runs. Each message names
+the argument and the bad value. (The C++ kernels only guard memory safety, tersely.)"""
 from __future__ import annotations
 
 import math
 
 import torch
 
-from fastadapt.ops.reference import REDUCTIONS
+REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 
 _CPU_FLOATS = (torch.float32, torch.float64, torch.bfloat16)
 _CUDA_FLOATS = _CPU_FLOATS + (torch.float16,)
+
+
+def float_dtypes(device: torch.device) -> tuple:
+    """The floating dtypes the kernels take on a device: float16 only on CUDA."""
+    return _CUDA_FLOATS if device.type == "cuda" else _CPU_FLOATS
 
 
 def reduction_code(reduction) -> int:
@@ -24,14 +30,19 @@ def check_tensor(name, t):
 
 
 def check_float_dtype(name, t):
-    allowed = _CUDA_FLOATS if t.device.type == "cuda" else _CPU_FLOATS
+    allowed = float_dtypes(t.device)
     if t.dtype not in allowed:
         kinds = ", ".join(str(d).replace("torch.", "") for d in allowed)
         raise TypeError(f"{name} must be a floating tensor ({kinds} on {t.device.type}), got dtype {t.dtype}")
 
 
+def check_same_dtype(name_a, a, name_b, b):
+    if a.dtype != b.dtype:
+        raise TypeError(f"{name_b} has dtype {b.dtype} but {name_a} has dtype {a.dtype}; they must match")
+
+
 def check_same_device(**tensors):
-    items = list(tensors.items())
+    items = [(n, t) for n, t in tensors.items() if t is not None]
     name0, t0 = items[0]
     for name, t in items[1:]:
         if t.device != t0.device:
@@ -59,6 +70,7 @@ def alpha_tensor(alpha, device) -> torch.Tensor:
 
 
 def check_alpha_value(a: float):
+    """A device-resident alpha cannot be checked without a host sync: the kernels then give NaN instead."""
     if math.isnan(a) or a < 0.0 or a > 1.0:
         raise ValueError(f"alpha must lie in [0, 1], got {a}")
 
@@ -70,22 +82,48 @@ def check_label_smoothing(eps):
         raise ValueError(f"label_smoothing must lie in [0, 1], got {eps}")
 
 
-def check_ce_side(side, logits, labels):
+def check_ignore_index(ignore_index):
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+
+
+def check_class_dim(class_dim):
+    if isinstance(class_dim, bool) or class_dim not in (1, -1):
+        raise ValueError(f"class_dim must be 1 (F.cross_entropy's layout: (N, C, d1, ...)) or -1 (class-last: "
+                         f"(..., C)), got {class_dim!r}")
+
+
+def ce_side(side, logits, labels, class_dim):
+    """One side's logits with the class dimension last, after checking logits and labels.
+
+    class_dim=1 reads the logits as F.cross_entropy does: (C,), (N, C) or (N, C, d1, ...) with labels
+    (), (N,) or (N, d1, ...). class_dim=-1 reads them class-last: (..., C) with labels (...).
+    """
     ln, bn = f"{side}_logits", f"{side}_labels"
     check_tensor(ln, logits)
     check_tensor(bn, labels)
     check_float_dtype(ln, logits)
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise TypeError(f"{bn} must have an integer dtype, got {labels.dtype}")
+        raise TypeError(f"{bn} must have an integer dtype (class indices), got {labels.dtype}; probability "
+                        f"(soft) targets are not supported")
     if logits.dim() < 1:
-        raise ValueError(f"{ln} must have a class dimension (shape (..., C)), got a 0-dim tensor")
-    if tuple(labels.shape) != tuple(logits.shape[:-1]):
-        raise ValueError(
-            f"{bn} has shape {tuple(labels.shape)} but {ln} has shape {tuple(logits.shape)}; "
-            f"labels must have the logits' shape without the last (class) dimension"
-        )
-    if logits.shape[-1] == 0 and labels.numel() > 0:
-        raise ValueError(f"{ln} has 0 classes")
+        raise ValueError(f"{ln} must have a class dimension, got a 0-dim tensor")
+    if class_dim == 1 and logits.dim() >= 2:
+        expected, logits_last = (logits.shape[0], *logits.shape[2:]), logits.movedim(1, -1)
+        layout = "class_dim=1 reads logits as F.cross_entropy does, (N, C, d1, ...) with labels (N, d1, ...)"
+        hint = ("; for class-last logits (..., C), such as a language model's (batch, seq, vocab), pass "
+                "class_dim=-1") if logits.dim() >= 3 else ""
+    else:
+        expected, logits_last = logits.shape[:-1], logits
+        layout = ("class_dim=-1 reads logits class-last, (..., C) with labels (...)" if class_dim == -1
+                  else "1-D logits are one row of C classes, with a 0-dim label")
+        hint = ""
+    if tuple(labels.shape) != tuple(expected):
+        raise ValueError(f"{bn} has shape {tuple(labels.shape)} but {ln} has shape {tuple(logits.shape)}; "
+                         f"{layout}, so {bn} must have shape {tuple(expected)}{hint}")
+    if logits_last.shape[-1] == 0 and labels.numel() > 0:
+        raise ValueError(f"{ln} has 0 classes (shape {tuple(logits.shape)}) but {labels.numel()} labels")
+    return logits_last
 
 
 def check_mse_side(side, pred, target):
@@ -102,19 +140,37 @@ def check_mse_side(side, pred, target):
         )
 
 
-def check_same_dtype(name_a, a, name_b, b):
-    if a.dtype != b.dtype:
-        raise TypeError(f"{name_b} has dtype {b.dtype} but {name_a} has dtype {a.dtype}; they must match")
+def raise_named_label_error(sides, ignore_index):
+    """After a kernel found a label out of range (IndexError): raises the error that names the argument.
+
+    sides: (labels name, class-last logits, labels) for each side that was evaluated. Returns without
+    raising when no label is out of range (the caller then re-raises the original error)."""
+    for name, logits, labels in sides:
+        classes = logits.shape[-1]
+        flat = labels.reshape(-1)
+        bad = (flat != ignore_index) & ((flat < 0) | (flat >= classes))
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise IndexError(f"{name} contains the label {int(flat[i])} (at flat position {i}), outside "
+                             f"[0, {classes}) and not ignore_index ({ignore_index})") from None
 
 
-def check_labels_in_range(name, labels, classes, ignore_index):
-    """The compiled CPU kernel's label check, for the fallback on the CPU (on CUDA it would cost a sync,
-    and the CUDA kernels give a NaN loss instead): same exception, same message."""
-    if labels.device.type != "cpu" or labels.numel() == 0 or torch.compiler.is_compiling():
-        return
-    flat = labels.reshape(-1)
-    bad = (flat != ignore_index) & ((flat < 0) | (flat >= classes))
-    if bool(bad.any()):
-        i = int(bad.nonzero()[0, 0])
-        raise IndexError(f"{name} contains the label {int(flat[i])} (at flat position {i}), outside [0, {classes}) "
-                         f"and not ignore_index ({ignore_index})")
+def check_linear_relu_args(x, weight, bias):
+    check_tensor("x", x)
+    check_tensor("weight", weight)
+    if bias is not None:
+        check_tensor("bias", bias)
+    check_float_dtype("x", x)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
+    if x.dim() < 1:
+        raise ValueError("x must have shape (..., in_features), got a 0-dim tensor")
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x.shape[-1] is {x.shape[-1]} but weight has in_features={weight.shape[1]} "
+                         f"(weight shape {tuple(weight.shape)})")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
+        raise ValueError(f"bias must have shape ({weight.shape[0]},) = (out_features,), got shape {tuple(bias.shape)}")
+    check_same_dtype("x", x, "weight", weight)
+    if bias is not None:
+        check_same_dtype("x", x, "bias", bias)
+    check_same_device(x=x, weight=weight, bias=bias)

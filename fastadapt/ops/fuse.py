@@ -30,10 +30,8 @@ from collections import Counter
 import torch
 from torch import nn
 
+from fastadapt.ops._validate import float_dtypes
 from fastadapt.ops.linear_relu import FusedLinearReLU
-
-_CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
-_CUDA_DTYPES = _CPU_DTYPES + (torch.float16,)
 
 
 def fuse_linear_relu(model: nn.Module, inplace: bool = False) -> nn.Module:
@@ -65,10 +63,7 @@ def fuse_linear_relu(model: nn.Module, inplace: bool = False) -> nn.Module:
     graph_ok = None
     if not all(c[5] for c in candidates):
         graph_ok = _traced_pairs(model)
-    fused = set()
     for seq, ln, rn, lpath, rpath, plain in candidates:
-        if ln in fused:  # pragma: no cover  (a module cannot be both halves: it is used once)
-            continue
         if plain or (graph_ok is not None and (lpath, rpath) in graph_ok):
             lin = seq._modules[ln]
             seq._modules[ln] = FusedLinearReLU.from_linear(lin)
@@ -98,7 +93,7 @@ def _fusable(lin, relu, uses) -> bool:
         return False
     if lin.bias is not None and (lin.bias.dtype != w.dtype or lin.bias.device != w.device):
         return False
-    return w.dtype in (_CUDA_DTYPES if w.device.type == "cuda" else _CPU_DTYPES)
+    return w.dtype in float_dtypes(w.device)
 
 
 def _sequentials(model):

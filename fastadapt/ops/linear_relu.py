@@ -11,38 +11,8 @@ import math
 import torch
 from torch import nn
 
-from fastadapt.ops import _validate
-from fastadapt.ops import reference
-from fastadapt.ops import _extension
+from fastadapt.ops import _validate, reference
 from fastadapt.ops._extension import use_compiled
-
-
-def _check_args(x, weight, bias):
-    """The checks of the C++ kernels, with the same wording, run before any kernel for both paths."""
-    _validate.check_tensor("x", x)
-    _validate.check_tensor("weight", weight)
-    if bias is not None:
-        _validate.check_tensor("bias", bias)
-    if x.dtype not in (_validate._CUDA_FLOATS if x.device.type == "cuda" else _validate._CPU_FLOATS):
-        kinds = "float32, float64, bfloat16" + (", float16" if x.device.type == "cuda" else "")
-        raise TypeError(f"linear_relu: x must be a floating tensor ({kinds} on {x.device.type}), got dtype {x.dtype}")
-    if weight.dim() != 2:
-        raise ValueError(f"linear_relu: weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
-    if x.dim() < 1:
-        raise ValueError("linear_relu: x must have shape (..., in_features), got a 0-dim tensor")
-    if x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"linear_relu: x.shape[-1] is {x.shape[-1]} but weight has in_features={weight.shape[1]} "
-                         f"(weight shape {tuple(weight.shape)})")
-    if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
-        raise ValueError(f"linear_relu: bias must have shape ({weight.shape[0]},) = (out_features,), "
-                         f"got shape {tuple(bias.shape)}")
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None and t.dtype != x.dtype:
-            raise TypeError(f"linear_relu: {name} has dtype {t.dtype} but x has dtype {x.dtype}; they must match")
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None and t.device != x.device:
-            raise ValueError(f"linear_relu: {name} is on {t.device} but x is on {x.device}; "
-                             "all inputs must share one device")
 
 
 def linear_relu(x, weight, bias=None):
@@ -52,16 +22,9 @@ def linear_relu(x, weight, bias=None):
     float32, bfloat16 and float64 on the CPU; float16 too on CUDA. Differentiable in x, weight and bias
     (once: double backward is not supported by the compiled op).
     """
-    C = _extension._C  # read per call: the fallback must win whenever _C is None
-    if C is not None and not torch.compiler.is_compiling():
-        # The C++ kernel runs the checks of _check_args with the same messages; NotImplemented means
-        # a subclass, a mode or a device the entry leaves to torch.ops (csrc/eager_entry.cpp).
-        y = C.linear_relu_eager(x, weight, bias)
-        if y is not NotImplemented:
-            return y
-    _check_args(x, weight, bias)
+    _validate.check_linear_relu_args(x, weight, bias)
     if use_compiled(x):
-        return torch.ops.fastadapt.linear_relu(x, weight, bias)
+        return torch.ops.fastadapt.linear_relu.default(x, weight, bias)
     return reference.linear_relu(x, weight, bias)
 
 

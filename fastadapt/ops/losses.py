@@ -1,73 +1,81 @@
 """The alpha-weighted source/target losses: ``alpha * loss_target + (1 - alpha) * loss_source``.
 
-Functional API plus a thin ``nn.Module``. Each call validates its arguments, then runs the fused
-compiled op when it is available for the inputs' device, else the pure-PyTorch reference.
+Functional API plus a thin ``nn.Module``. Each call validates its arguments (fastadapt/ops/_validate.py),
+then runs the fused compiled op when it is available for the inputs' device, else the pure-PyTorch
+reference. Both return the two weighted terms; reduction mean/sum adds them here.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from fastadapt.ops import _validate
-from fastadapt.ops import reference
+from fastadapt.ops import _validate, reference
 from fastadapt.ops._extension import use_compiled
 
 
 def alpha_weighted_cross_entropy(source_logits, source_labels, target_logits, target_labels, alpha=0.5, *,
-                                 ignore_index=-100, label_smoothing=0.0, reduction="mean"):
+                                 ignore_index=-100, label_smoothing=0.0, reduction="mean", class_dim=1):
     """``alpha * CE(target) + (1 - alpha) * CE(source)``, fused into one pass over each logits tensor.
 
-    Logits are ``(..., C)`` with labels ``(...)`` of any integer dtype; source and target may differ in
-    rows and in classes. Each term is the mean over its own non-ignored rows (``reduction="mean"``).
-    ``reduction="none"`` returns ``(source_losses, target_losses)``, per row, already weighted, 0 at
-    ignored rows. A term whose weight is exactly 0 is not evaluated. Pass ``alpha`` as a 0-dim tensor
-    to change it between steps without recompiling under ``torch.compile``.
+    Each term is ``F.cross_entropy(logits, labels, ignore_index=..., label_smoothing=..., reduction=...)``
+    of its side; source and target may differ in rows and in classes. ``class_dim=1`` (default) reads
+    the logits as F.cross_entropy does: ``(C,)``, ``(N, C)`` or ``(N, C, d1, ...)`` with labels ``()``,
+    ``(N,)`` or ``(N, d1, ...)``. ``class_dim=-1`` reads them class-last, ``(..., C)`` with labels
+    ``(...)``: a language model's ``(batch, seq, vocab)`` logits with ``(batch, seq)`` labels, without
+    a copy. Labels are class indices of any integer dtype.
+
+    ``reduction="none"`` returns ``(source_losses, target_losses)``, each of its labels' shape, already
+    weighted, 0 at ignored rows. A term whose weight is exactly 0 is not evaluated. Pass ``alpha`` as a
+    0-dim tensor to change it between steps without recompiling under ``torch.compile``.
     """
-    _validate.check_ce_side("source", source_logits, source_labels)
-    _validate.check_ce_side("target", target_logits, target_labels)
+    _validate.check_class_dim(class_dim)
+    sl = _validate.ce_side("source", source_logits, source_labels, class_dim)
+    tl = _validate.ce_side("target", target_logits, target_labels, class_dim)
     _validate.check_same_dtype("source_logits", source_logits, "target_logits", target_logits)
     _validate.check_same_device(source_logits=source_logits, source_labels=source_labels,
-                        target_logits=target_logits, target_labels=target_labels)
+                                target_logits=target_logits, target_labels=target_labels)
     _validate.check_label_smoothing(label_smoothing)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    _validate.check_ignore_index(ignore_index)
     red = _validate.reduction_code(reduction)
     a = _validate.alpha_tensor(alpha, source_logits.device)
-    if use_compiled(source_logits):
-        out0, out1 = torch.ops.fastadapt.alpha_weighted_cross_entropy(
-            source_logits, source_labels, target_logits, target_labels, a, ignore_index, float(label_smoothing), red)
-        return (out0, out1) if red == 0 else out0
-    if a.device.type == "cpu" and not torch.compiler.is_compiling():
-        # as the compiled CPU kernel: a named IndexError, checked only on sides whose weight is not 0
-        if float(a) != 1.0:
-            _validate.check_labels_in_range("source_labels", source_labels, source_logits.shape[-1], ignore_index)
+    args = (sl, source_labels, tl, target_labels, a, ignore_index, float(label_smoothing))
+    try:
+        if use_compiled(sl):
+            terms = torch.ops.fastadapt.alpha_weighted_cross_entropy.default(*args, red)
+        else:
+            terms = reference.alpha_weighted_cross_entropy(*args, reduction)
+    except IndexError:
+        # a label out of range, found by the CPU kernel (or by F in the fallback): name the argument
+        if torch.compiler.is_compiling() or sl.device.type != "cpu":
+            raise
+        evaluated = [("source_labels", sl, source_labels)] if float(a) != 1.0 else []
         if float(a) != 0.0:
-            _validate.check_labels_in_range("target_labels", target_labels, target_logits.shape[-1], ignore_index)
-    return reference.alpha_weighted_cross_entropy(
-        source_logits, source_labels, target_logits, target_labels, alpha if not isinstance(alpha, torch.Tensor) else a,
-        ignore_index=ignore_index, label_smoothing=float(label_smoothing), reduction=reduction)
+            evaluated.append(("target_labels", tl, target_labels))
+        _validate.raise_named_label_error(evaluated, ignore_index)
+        raise
+    return tuple(terms) if red == 0 else terms[0] + terms[1]
 
 
 def alpha_weighted_mse(source_pred, source_target, target_pred, target_target, alpha=0.5, *, reduction="mean"):
     """``alpha * MSE(target) + (1 - alpha) * MSE(source)`` in one fused pass per side.
 
-    Shapes must match exactly: unlike ``F.mse_loss``, (N, 1) against (N,) raises instead of broadcasting.
-    Gradients flow to predictions and to targets.
+    Each term is ``F.mse_loss(pred, target, reduction=...)`` of its side. Shapes must match exactly:
+    unlike ``F.mse_loss``, (N, 1) against (N,) raises instead of broadcasting. Gradients flow to
+    predictions and to targets. ``reduction="none"`` returns ``(source_losses, target_losses)``.
     """
     _validate.check_mse_side("source", source_pred, source_target)
     _validate.check_mse_side("target", target_pred, target_target)
     _validate.check_same_dtype("source_pred", source_pred, "target_pred", target_pred)
     _validate.check_same_device(source_pred=source_pred, source_target=source_target,
-                        target_pred=target_pred, target_target=target_target)
+                                target_pred=target_pred, target_target=target_target)
     red = _validate.reduction_code(reduction)
     a = _validate.alpha_tensor(alpha, source_pred.device)
     if use_compiled(source_pred):
-        out0, out1 = torch.ops.fastadapt.alpha_weighted_mse(
-            source_pred, source_target, target_pred, target_target, a, red)
-        return (out0, out1) if red == 0 else out0
-    return reference.alpha_weighted_mse(
-        source_pred, source_target, target_pred, target_target,
-        alpha if not isinstance(alpha, torch.Tensor) else a, reduction=reduction)
+        terms = torch.ops.fastadapt.alpha_weighted_mse.default(source_pred, source_target, target_pred, target_target,
+                                                               a, red)
+    else:
+        terms = reference.alpha_weighted_mse(source_pred, source_target, target_pred, target_target, a, reduction)
+    return tuple(terms) if red == 0 else terms[0] + terms[1]
 
 
 class AlphaWeightedLoss(nn.Module):
@@ -78,15 +86,16 @@ class AlphaWeightedLoss(nn.Module):
     """
 
     _KINDS = {"cross_entropy": alpha_weighted_cross_entropy, "mse": alpha_weighted_mse}
+    _OPTIONS = {"cross_entropy": {"ignore_index", "label_smoothing", "reduction", "class_dim"}, "mse": {"reduction"}}
 
     def __init__(self, alpha=0.5, kind="cross_entropy", **options):
         super().__init__()
         if kind not in self._KINDS:
             raise ValueError(f"kind must be one of {sorted(self._KINDS)}, got {kind!r}")
-        allowed = {"cross_entropy": {"ignore_index", "label_smoothing", "reduction"}, "mse": {"reduction"}}[kind]
-        unknown = set(options) - allowed
+        unknown = set(options) - self._OPTIONS[kind]
         if unknown:
-            raise TypeError(f"unexpected option(s) for kind={kind!r}: {sorted(unknown)}; allowed: {sorted(allowed)}")
+            raise TypeError(f"unexpected option(s) for kind={kind!r}: {sorted(unknown)}; "
+                            f"allowed: {sorted(self._OPTIONS[kind])}")
         if not isinstance(alpha, torch.Tensor):
             _validate.check_alpha_value(float(alpha))
         self.alpha = alpha

@@ -1,6 +1,5 @@
-// Body of the vectorised row kernels. Included by one .cpp per CPU capability, each of which sets
-// CPU_CAPABILITY (and the matching GCC target) first; at::vec's types live in an inline namespace
-// named after the capability, so the copies never collide.
+// Body of the vectorised loss rows (see LossRowFns in cpu/row_kernels.h), built per capability by
+// row_kernels_impl.h.
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
@@ -12,7 +11,7 @@
 #include <cstring>
 #include <limits>
 
-#include "cpu/loss_rows.h"
+#include "cpu/row_kernels.h"
 
 namespace fastadapt::cpu::CPU_CAPABILITY {
 namespace {
@@ -86,6 +85,13 @@ inline void fill(T* p, int64_t n, T v) {
   for (int64_t i = 0; i < n; ++i) p[i] = v;
 }
 
+// F.cross_entropy's label-smoothed loss from the row's NLL (lse - x[y]) and mean NLL (lse - sum(x)/C),
+// combined as F combines them: a -inf logit at the label gives +inf (with eps = 1, 0 * inf = NaN, as in F).
+template <typename T>
+inline T smoothed(T nll, T mean_nll, T eps) {
+  return (T(1) - eps) * nll + eps * mean_nll;
+}
+
 template <typename T, bool kGrad, bool kSmooth>
 T ce_row_t(const T* x, int64_t C, int64_t y, T eps, T* grad, T scale, double* lse_out) {
   using V = Vectorized<T>;
@@ -132,9 +138,9 @@ T ce_row_t(const T* x, int64_t C, int64_t y, T eps, T* grad, T scale, double* ls
     grad[y] -= scale * (T(1) - eps);
   }
   // (m - x[y]) first: with logits near 1e4, lse - x[y] would lose the answer to rounding.
-  T loss = (m - x[y]) + std::log(s);
-  if (kSmooth) loss += eps * (x[y] - sx / T(C));
-  return loss;
+  const T ls = std::log(s);
+  const T nll = (m - x[y]) + ls;
+  return kSmooth ? smoothed(nll, (m - sx / T(C)) + ls, eps) : nll;
 }
 
 template <typename T>
@@ -195,9 +201,8 @@ void ce_rows_small(const T* x, int64_t row_stride, int64_t C, const int64_t* y, 
       const T xy = x[r * row_stride + yl];
       const T ls = std::log(s[l]);
       lse[r] = double(m[l]) + double(ls);
-      T lr = (m[l] - xy) + ls;
-      if (eps != T(0)) lr += eps * (xy - sx[l] / T(C));
-      loss[r] = lr;
+      const T nll = (m[l] - xy) + ls;
+      loss[r] = eps != T(0) ? smoothed(nll, (m[l] - sx[l] / T(C)) + ls, eps) : nll;
       if (gr) {
         const T k = scale / s[l], o = scale * off;
         for (int64_t c = 0; c < C; ++c) gr[c] = xt[c][l] * k - o;
@@ -250,13 +255,9 @@ double mse_chunk(const T* x, const T* y, int64_t n, T* grad, T scale, T* elem, T
 }
 
 template <typename T>
-LossRowFns<T> make() {
+LossRowFns<T> loss_fns() {
   return LossRowFns<T>{&ce_row<T>, &ce_rows_small<T>, &ce_grad_row<T>, &mse_chunk<T>};
 }
 
 }  // namespace
-
-LossRowFns<float> fns_float() { return make<float>(); }
-LossRowFns<double> fns_double() { return make<double>(); }
-
 }  // namespace fastadapt::cpu::CPU_CAPABILITY

@@ -1,4 +1,4 @@
-// AVX2 build of the row kernels (see loss_rows_impl.h).
+// AVX2 build of the row kernels (see row_kernels_impl.h).
 #if defined(__x86_64__) || defined(_M_X64)
 #pragma GCC target("avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt")
 // sleef.h declares its vector functions by the ISA macros, which the pragma alone does not set.
@@ -13,11 +13,10 @@
 #endif
 #define CPU_CAPABILITY AVX2
 #define CPU_CAPABILITY_AVX2
-#include "cpu/vec/loss_rows_impl.h"
+#include "cpu/vec/row_kernels_impl.h"
 #else
-#include "cpu/loss_rows.h"
+#include "cpu/row_kernels.h"
 namespace fastadapt::cpu::AVX2 {
-LossRowFns<float> fns_float() { return DEFAULT::fns_float(); }
-LossRowFns<double> fns_double() { return DEFAULT::fns_double(); }
+RowKernels make_row_kernels() { return DEFAULT::make_row_kernels(); }
 }  // namespace fastadapt::cpu::AVX2
 #endif

@@ -1,0 +1,84 @@
+// Per-row inner loops of the CPU kernels, compiled once per CPU capability (csrc/cpu/vec/) and picked
+// at run time from ATen's own choice, so ATEN_CPU_CAPABILITY governs them as it governs ATen's
+// kernels and one wheel runs at AVX-512 speed where it can and anywhere else.
+#pragma once
+#include <c10/util/BFloat16.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "two_sided.h"
+
+namespace fastadapt::cpu {
+
+// The loss rows work on contiguous float32/float64 rows; bf16 rows are widened into a float scratch
+// row first.
+template <typename T>
+struct LossRowFns {
+  // Cross-entropy of one row with label y and label smoothing eps:
+  //   (1 - eps) * (lse - x[y]) + eps * (lse - sum(x) / C),
+  // F.cross_entropy's formula, so a -inf logit at the label gives +inf rather than inf - inf. Stores
+  // the row's log-sum-exp in *lse. When grad is non-null it also writes
+  // scale * (softmax(x) - eps/C - (1-eps) * onehot(y)) in the same pass (x is read from DRAM once: the
+  // later passes over the row hit the cache). A row whose max is not finite gives NaN, as in ATen.
+  // lse is kept in double: with logits near 1e4 a float lse is off by half an ulp of 1e4 (5e-4),
+  // which would show up as a 5e-4 relative error in the recomputed softmax.
+  T (*ce_row)(const T* x, int64_t C, int64_t y, T eps, T* grad, T scale, double* lse);
+  // Rows with few classes (C <= kSmallClasses), a block of up to kBlockRows rows at a time with one
+  // row per vector lane: the per-row horizontal reductions and tail masks of ce_row cost more than
+  // the arithmetic of a 10-class row. y holds the block's labels; rows labelled `ignore` give loss
+  // 0, lse 0 and a zero gradient row. grad (nullable) has row stride C; loss gets each row's loss.
+  void (*ce_rows_small)(const T* x, int64_t row_stride, int64_t C, const int64_t* y, int64_t rows, int64_t ignore,
+                        T eps, T* grad, T scale, double* lse, double* loss);
+  // The same gradient from a saved log-sum-exp: one read of x, one write of grad.
+  void (*ce_grad_row)(const T* x, int64_t C, int64_t y, T eps, double lse, T scale, T* grad);
+  // Sum of (x-y)^2 over n elements, in double. Optionally writes grad = scale*(x-y) and
+  // elem = w*(x-y)^2 in the same pass.
+  double (*mse_chunk)(const T* x, const T* y, int64_t n, T* grad, T scale, T* elem, T w);
+};
+
+// The epilogue rows of linear_relu, for T in float, double and bfloat16; bf16 works in float and
+// rounds once.
+template <typename T>
+struct DenseRowFns {
+  // row = max(row + b, 0) in place (b may be null); NaN stays NaN, as in torch.relu.
+  void (*bias_relu)(T* row, const T* b, int64_t n);
+  // gm = g * (y > 0), and acc += gm in the accumulation type when acc is non-null. Selecting keeps gm
+  // exact in bf16; only acc is wider.
+  void (*relu_mask)(const T* g, const T* y, T* gm, acc_t<T>* acc, int64_t n);
+};
+
+constexpr int64_t kSmallClasses = 32;
+constexpr int64_t kBlockRows = 16;
+
+// Every row kernel of one capability.
+struct RowKernels {
+  LossRowFns<float> loss_float;
+  LossRowFns<double> loss_double;
+  DenseRowFns<float> dense_float;
+  DenseRowFns<double> dense_double;
+  DenseRowFns<c10::BFloat16> dense_bfloat16;
+};
+
+// The kernels of the capability ATen runs at, chosen once per process.
+const RowKernels& row_kernels();
+
+template <typename T>
+const LossRowFns<T>& loss_row_fns() {
+  if constexpr (std::is_same_v<T, float>) return row_kernels().loss_float;
+  else return row_kernels().loss_double;
+}
+
+template <typename T>
+const DenseRowFns<T>& dense_row_fns() {
+  if constexpr (std::is_same_v<T, float>) return row_kernels().dense_float;
+  else if constexpr (std::is_same_v<T, double>) return row_kernels().dense_double;
+  else return row_kernels().dense_bfloat16;
+}
+
+// Per-capability builders, defined in csrc/cpu/vec/row_kernels_<cap>.cpp.
+namespace DEFAULT { RowKernels make_row_kernels(); }
+namespace AVX2 { RowKernels make_row_kernels(); }
+namespace AVX512 { RowKernels make_row_kernels(); }
+
+}  // namespace fastadapt::cpu

@@ -1,0 +1,139 @@
+// The conventions every two-sided (source / target) loss op shares, for its CPU and CUDA kernels and
+// its autograd node (csrc/autograd/two_sided_loss.h).
+//
+// A two-sided loss is `alpha * loss(target) + (1 - alpha) * loss(source)`. Its ops return the two
+// weighted terms, `(source_term, target_term)`; the Python layer adds them for reduction mean/sum.
+// A side whose weight is exactly 0 is not evaluated: its inputs are not read in forward or backward,
+// so a NaN or an empty batch on that side cannot reach the result.
+//
+// User-facing argument checks live in Python (fastadapt/ops/_validate.py), in front of both the
+// compiled ops and the fallback. The TORCH_CHECKs in C++ only keep a direct torch.ops call from
+// reading or writing out of bounds.
+#pragma once
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <limits>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+namespace fastadapt {
+
+enum Reduction : int64_t { kNone = 0, kMean = 1, kSum = 2 };
+
+// What a two-sided loss forward returns: the two weighted terms (0-dim each for mean/sum; the shape
+// of the side's labels or predictions for none), the tensors its backward needs besides the inputs,
+// and each side's gradient for a unit grad_output where the kernel wrote it during the forward pass
+// (else a tensor of 0 elements).
+using LossForward = std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor>;
+// (source gradient, target gradient); a side not asked for comes back with 0 elements.
+using SideGrads = std::tuple<at::Tensor, at::Tensor>;
+
+// The accumulation type of a scalar type: float for bfloat16 and float16, itself otherwise.
+template <typename T>
+using acc_t = at::opmath_type<T>;
+
+inline void check_reduction(int64_t reduction) {
+  TORCH_CHECK(reduction >= kNone && reduction <= kSum, "reduction code must be 0, 1 or 2, got ", reduction);
+}
+
+// Side weights: source 1 - alpha, target alpha. Known on the host when alpha is a CPU tensor;
+// a device-resident alpha is read by the kernels (no host sync), and the weight is then unknown here.
+// An alpha outside [0, 1] or NaN makes both weights NaN (the Python layer rejects it first; a device
+// alpha cannot raise without a sync, so a direct torch.ops call gets NaN outputs on every device).
+struct SideWeights {
+  std::optional<double> w[2];
+  bool skipped(int side) const { return w[side].has_value() && *w[side] == 0.0; }
+};
+
+inline double weight_of(double alpha, int side) {
+  if (!(alpha >= 0.0 && alpha <= 1.0)) return std::numeric_limits<double>::quiet_NaN();
+  return side == 0 ? 1.0 - alpha : alpha;
+}
+
+inline SideWeights side_weights(const at::Tensor& alpha) {
+  TORCH_CHECK(alpha.numel() == 1, "alpha must have one element");
+  SideWeights s;
+  if (alpha.is_cpu()) {
+    const double a = alpha.item<double>();
+    s.w[0] = weight_of(a, 0);
+    s.w[1] = weight_of(a, 1);
+  }
+  return s;
+}
+
+// What a kernel does about one side's gradient buffer.
+enum class GradPlan { kNotWanted, kZeros, kCompute };
+
+inline GradPlan plan_grad(bool wanted, bool skipped, bool has_grad_output = true) {
+  if (!wanted) return GradPlan::kNotWanted;
+  return skipped || !has_grad_output ? GradPlan::kZeros : GradPlan::kCompute;
+}
+
+inline at::Tensor empty_tensor(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  return at::empty(sizes, options);
+}
+
+// The buffer for that plan: 0 elements, zeros, or memory from `alloc(sizes, options)` for the kernel to
+// fill (empty_tensor, or the CPU's gradient cache).
+template <typename Alloc>
+at::Tensor grad_buffer(GradPlan plan, at::IntArrayRef sizes, const at::TensorOptions& options, Alloc&& alloc) {
+  switch (plan) {
+    case GradPlan::kNotWanted: return at::empty({0}, options);
+    case GradPlan::kZeros: return at::zeros(sizes, options);
+    default: return alloc(sizes, options);
+  }
+}
+
+// One side of a cross-entropy call as the kernels read it: logits as (rows, classes) with unit class
+// stride (a copy only when the caller's layout allows no such view) and contiguous int64 labels.
+struct CeSide {
+  at::Tensor logits, labels;
+  std::vector<int64_t> logits_sizes, label_sizes;
+  int64_t rows = 0, classes = 0, row_stride = 0;
+};
+
+// logits (..., C) and labels (...): the Python layer has already moved the class dimension last.
+inline CeSide make_ce_side(const at::Tensor& logits, const at::Tensor& labels) {
+  TORCH_CHECK(logits.dim() >= 1 && labels.numel() * logits.size(-1) == logits.numel() &&
+                  (logits.size(-1) > 0 || labels.numel() == 0),
+              "logits must be (..., C) with one label per row");
+  CeSide d;
+  d.classes = logits.size(-1);
+  d.rows = labels.numel();
+  d.logits_sizes = logits.sizes().vec();
+  d.label_sizes = labels.sizes().vec();
+  at::Tensor l2 = logits.reshape({d.rows, d.classes});
+  if (d.rows > 0 && d.classes > 0 && (l2.stride(1) != 1 || (d.rows > 1 && l2.stride(0) < d.classes))) {
+    l2 = l2.contiguous();
+  }
+  d.logits = l2;
+  d.row_stride = d.rows > 1 ? l2.stride(0) : d.classes;
+  d.labels = labels.reshape({d.rows}).to(at::kLong).contiguous();
+  return d;
+}
+
+// One side of an MSE call: prediction and target flat and contiguous.
+struct MseSide {
+  at::Tensor pred, target;
+  std::vector<int64_t> sizes;
+  int64_t n = 0;
+};
+
+inline MseSide make_mse_side(const at::Tensor& pred, const at::Tensor& target) {
+  TORCH_CHECK(pred.sizes() == target.sizes() && pred.scalar_type() == target.scalar_type(),
+              "pred and target must have one shape and one dtype");
+  MseSide d;
+  d.sizes = pred.sizes().vec();
+  d.n = pred.numel();
+  d.pred = pred.reshape({-1}).contiguous();
+  d.target = target.reshape({-1}).contiguous();
+  return d;
+}
+
+}  // namespace fastadapt
