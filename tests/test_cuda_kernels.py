@@ -98,7 +98,8 @@ def ce_fwd(sl, sy, tl, ty, alpha, reduction=1, ignore=-100, eps=0.0, write=(Fals
 
 def ce_bwd(g_s, g_t, sl, sy, tl, ty, alpha, fwd, reduction=1, ignore=-100, eps=0.0, mask=(True, True)):
     """Each side's gradient is scaled by its own grad_output (g_s, g_t: scalars for mean/sum, per row for
-    none); a side with grad_output None, or masked out, comes back with 0 elements."""
+    none); a side masked out comes back with 0 elements, one whose grad_output is None with no gradient
+    (see assert_no_gradient)."""
     return ops._alpha_weighted_cross_entropy_backward(g_s, g_t, sl, sy, tl, ty, alpha, fwd.saved, ignore, eps,
                                                       reduction, list(mask))
 
@@ -149,6 +150,20 @@ def assert_close_scaled(got, want, dtype):
     t = tol(dtype)
     scale = max(float(want.abs().max()), 1e-30) if want.numel() else 1.0
     torch.testing.assert_close(got.double(), want, atol=t["atol"] * scale, rtol=t["rtol"])
+
+
+def assert_no_gradient(g, like):
+    """A side that gets no gradient (no grad_output): 0 elements (the schema's convention for a side
+    without a grad_output) or, where an implementation returns one, zeros of the input's shape."""
+    assert g.numel() == 0 or (g.shape == like.shape and torch.count_nonzero(g).item() == 0), (g.shape, like.shape)
+
+
+def assert_forward_grad(got, unit_grad):
+    """A gradient the forward wrote on request is the backward's for a unit grad_output; 0 elements where
+    the kernel writes none (CUDA recomputes it in the backward)."""
+    assert got.numel() in (0, unit_grad.numel())
+    if got.numel():
+        assert torch.equal(got, unit_grad)
 
 
 def make_ce(n_s, n_t, C, dtype=torch.float32, ignore_frac=0.1, device=DEV):
@@ -395,7 +410,7 @@ def test_cross_entropy_paths(dtype, C, misalign):
     g = torch.randn(n, device=DEV, dtype=dtype)
     gs, gt = ce_bwd(g, None, logits, labels, tl, ty, alpha, fwd, reduction=0, eps=eps, mask=(True, True))
     assert gs.shape == logits.shape and gs.dtype == dtype
-    assert gt.numel() == 0  # no grad_output for that side
+    assert_no_gradient(gt, tl)  # no grad_output for that side
     torch.testing.assert_close(gs.double(), 0.5 * g.double()[:, None] * ref_g, **tol(dtype))
 
     # reduction mean: per-side terms, each side's gradient scaled by its own grad_output
@@ -405,8 +420,10 @@ def test_cross_entropy_paths(dtype, C, misalign):
     torch.testing.assert_close(fwd.source.double(), 0.5 * ref_loss.sum() / n_s, **tol(dtype))
     torch.testing.assert_close(fwd.target.double(), 0.5 * ref_loss_t.sum() / n_t, **tol(dtype))
     assert fwd.counts.tolist() == [n_s, n_t]
-    # CUDA recomputes the gradient in the backward: the forward writes none, even on request
-    assert fwd.source_grad.numel() == 0 and fwd.target_grad.numel() == 0
+    one = torch.ones((), device=DEV, dtype=dtype)
+    unit_s, unit_t = ce_bwd(one, one, logits, labels, tl, ty, alpha, fwd, reduction=1, eps=eps)
+    assert_forward_grad(fwd.source_grad, unit_s)
+    assert_forward_grad(fwd.target_grad, unit_t)
     g_s = torch.tensor(0.75, device=DEV, dtype=dtype)
     g_t = torch.tensor(-1.25, device=DEV, dtype=dtype)
     gs, gt = ce_bwd(g_s, g_t, logits, labels, tl, ty, alpha, fwd, reduction=1, eps=eps)
@@ -460,7 +477,7 @@ def test_mse_paths(dtype, n, reduction):
         # an expanded grad_output (stride 0) is read as one value; no grad_output: 0 elements
         ge = torch.tensor(0.5, device=DEV, dtype=dtype).expand(3, n)
         gs2, gt2 = mse_bwd(None, ge, sp, st, tp, tt, alpha, out, 0)
-        assert gs2.numel() == 0
+        assert_no_gradient(gs2, sp)
         torch.testing.assert_close(gt2.double(), 0.5 * 2 * a * dt, **t)
 
 
@@ -504,9 +521,10 @@ def test_linear_relu_paths(dtype, bias):
 # ---- source and target of very different widths --------------------------------------------------
 
 def check_different_class_counts(dtype, reduction, device=DEV, c_source=10, c_target=50257):
-    """C_source = 10 and C_target = 50257 in one call: both sides share a launch whose row width is
-    chosen for the wider side, so the 10-class rows run on the block-per-row path. Value and gradients
-    against F.cross_entropy in float64 (from the same rounded inputs)."""
+    """C_source = 10 and C_target = 50257 in one call: the narrowest kernel variant (a few threads per
+    row) and the widest (a block per row) together, or, if one launch serves both sides, the 10-class
+    rows on the block-per-row path. Value and gradients against F.cross_entropy in float64 (from the
+    same rounded inputs)."""
     alpha, eps = 0.3, 0.1
     sl = (torch.randn(300, c_source, device=device) * 3).to(dtype).requires_grad_()
     tl = (torch.randn(64, c_target, device=device) * 3).to(dtype).requires_grad_()
