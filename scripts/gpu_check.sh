@@ -41,8 +41,9 @@
 #   cuda_large          90   7-8    20  the 4 `large` cases past 2**31 elements (4-9 GB of bf16 each:
 #                                       randn, one kernel pass, chunked float64 references)
 #   cuda_tests          90   6-9    35  the per-op parity and determinism files: ~640 small CUDA cases
-#   cuda_more          120 20-24    75  every other CUDA case (~4100, mostly tests/test_crosscheck.py; its
-#                                       collection imports torch's test DB: 15-16 s of it here)
+#   cuda_more          120 18-24    75  every other CUDA case: 1100-4100 of them while tests/test_crosscheck.py
+#                                       is being written (its collection imports torch's test DB: 12-16 s of
+#                                       the time here); 75 s is for ~4100 small cases
 #   liger               30     -     5  installs and probes the carried Liger-Kernel wheel, if any
 #   bench_ce            60   6-7    30  CUDA benchmarks without the torch.compile rows (BENCH_COMPILE=0),
 #   bench_mse           30   6-7    12  one JSON per file: ~30/12/6/4 rows of ~0.3 s of timed rounds
@@ -54,7 +55,7 @@
 #   report              60     4     8  merge the JSON, bench_table.py, bench_report.py with plots (3.4 s
 #                                       here on the 122 CPU rows of benchmarks/results.json)
 #   archive         (each)   0.1     3  tar | gzip -1 after every stage: 0.12 s for 9 MB of logs and JSON
-#   total                 96-109   438  H200, fresh machine: under the 470 s budget (8 minutes); a warm one
+#   total                 86-109   438  H200, fresh machine: under the 470 s budget (8 minutes); a warm one
 #                                       (build reused) ~370 s, the rest going to torch.compile rows
 #
 # Sanitizer verdicts come from the logs, not from exit codes: a stage fails on "ERROR SUMMARY: [1-9]",
@@ -83,6 +84,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 OUT=${OUT:-$PWD/gpu_check_out}
 PY=${PYTHON:-python3}
+[[ "$PY" == */* && "$PY" != /* ]] && PY=$PWD/$PY  # a relative path must survive a cd
 BUDGET=${GPU_CHECK_BUDGET:-470}
 ARCH=${TORCH_CUDA_ARCH_LIST:-9.0}
 JOBS=${GPU_CHECK_JOBS:-$(nproc)}
@@ -336,9 +338,10 @@ with open(out, "w") as f:
     json.dump(merged, f)
 EOF
 GPU_NAME=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
-stage report 60 "$PY '$WORK_PARENT/merge_bench.py' '$WORK/bench_cuda.json' \$(ls '$WORK'/bench/*.json 2>/dev/null) && \
-  $PY scripts/bench_table.py '$WORK/bench_cuda.json' > '$WORK/bench_table.txt'; \
-  $PY scripts/bench_report.py '$WORK/bench_cuda.json' -o '$WORK/BENCHMARKS_cuda.md' --plots '$WORK/plots' \
+# run inside the work folder, so that BENCHMARKS_cuda.md names bench_cuda.json and plots/ relatively
+stage report 60 "cd '$WORK' && $PY '$WORK_PARENT/merge_bench.py' bench_cuda.json \$(ls bench/*.json 2>/dev/null) && \
+  $PY '$PWD/scripts/bench_table.py' bench_cuda.json > bench_table.txt; \
+  $PY '$PWD/scripts/bench_report.py' bench_cuda.json -o BENCHMARKS_cuda.md --plots plots \
   --marker generated-cuda --no-skeleton --title 'Measured results: CUDA, $(date -u +%F), ${GPU_NAME:-GPU}' \
   --command 'bash scripts/gpu_check.sh  (stages bench_*: BENCH_COMPILE=0, one JSON per file; compile_*: BENCH_COMPILE=only)' \
   --note \"\$(cat '$WORK/liger_status.txt' 2>/dev/null)\" \
