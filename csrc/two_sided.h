@@ -67,7 +67,8 @@ inline SideWeights side_weights(const at::Tensor& alpha) {
   return s;
 }
 
-// What a kernel does about one side's gradient buffer.
+// What a kernel does about one side's gradient buffer: not asked for (0 elements), zeros (the side's
+// weight is 0, or its term has no grad_output), or computed.
 enum class GradPlan { kNotWanted, kZeros, kCompute };
 
 inline GradPlan plan_grad(bool wanted, bool skipped, bool has_grad_output = true) {

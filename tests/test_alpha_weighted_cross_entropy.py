@@ -511,3 +511,55 @@ def test_bf16_rank3_no_farther_from_float64_than_eager(backend, device, class_di
     err = lambda a, b: (a.double() - b.double()).abs().max().item()  # noqa: E731
     assert err(out, ref) <= err(eager, ref) + 1e-3
     assert err(grad, x64.grad) <= err(xe.grad, x64.grad) * 1.01 + 1e-6
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_finite_rows_near_the_float_range_stay_finite(backend, device, label_smoothing):
+    """Logits in [1e38, 3e38]: without smoothing, log-softmax and the loss are finite although sum(x)
+    overflows float32 (the CUDA forward detected NaN through that sum and gave NaN). With smoothing the
+    mean log-probability overflows in F's float32 arithmetic too: +inf, as F gives."""
+    x = torch.rand(6, 1000, device=device) * 2e38 + 1e38
+    y = torch.randint(0, 1000, (6,), device=device)
+    out, ref, g, rg = run_both(x.clone().requires_grad_(), y, x.clone().requires_grad_(), y, 0.5, "none",
+                               label_smoothing=label_smoothing)
+    f32 = 0.5 * F.cross_entropy(x, y, label_smoothing=label_smoothing, reduction="none")
+    if label_smoothing == 0.0:
+        assert torch.isfinite(f32).all()
+        check(out, ref, g, rg, torch.float32, "none")
+    else:
+        assert torch.isposinf(f32).all()
+        torch.testing.assert_close(out[1], f32)
+        assert_close(g[1], rg[1], torch.float32, "gradients stay finite")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_smoothing_with_a_large_common_offset(backend, device):
+    """mean(x) for logits 1e4 + noise: the kernels sum x - max, not x, so the noise is not lost."""
+    x = (1e4 + torch.randn(9, 32001, device=device)).requires_grad_()
+    y = torch.randint(0, 32001, (9,), device=device)
+    for reduction in REDUCTIONS:
+        x.grad = None
+        t = x.detach().clone().requires_grad_()
+        check(*run_both(x, y, t, y, 0.3, reduction, label_smoothing=0.2), torch.float32, reduction)
+
+
+@pytest.mark.skipif(not fastadapt.has_ops(), reason="compiled extension not loaded")
+@pytest.mark.parametrize("device", DEVICES)
+def test_per_row_grad_output_is_not_rounded_to_the_input_dtype(device):
+    """A float32 per-row grad_output for bf16 logits (a direct backward call) is used in float32: the
+    result is no farther from float64 than one computed with that grad_output rounded to bf16 (the CUDA
+    kernel used to round it)."""
+    torch.manual_seed(2)
+    x = (torch.randn(64, 40, device=device) * 3).bfloat16()
+    y = torch.randint(0, 40, (64,), device=device)
+    a = torch.tensor(0.5, dtype=torch.float64)
+    fwd = torch.ops.fastadapt._alpha_weighted_cross_entropy_forward(x, y, x, y, a, -100, 0.0, 0, [False, False])
+    g = 1 + torch.rand(64, device=device) * 2 ** -7  # between bf16 neighbours of 1
+    exact = 0.5 * g.double()[:, None] * (torch.softmax(x.double(), -1) - F.one_hot(y, 40).double())
+    err = lambda grad: (grad.double() - exact).abs().max().item()  # noqa: E731
+    bwd = torch.ops.fastadapt._alpha_weighted_cross_entropy_backward
+    ours = bwd(g, None, x, y, x, y, a, fwd[2], -100, 0.0, 0, [True, False])[0]
+    rounded = bwd(g.bfloat16(), None, x, y, x, y, a, fwd[2], -100, 0.0, 0, [True, False])[0]
+    assert err(ours) <= err(rounded)
+    assert err(ours) <= 2 ** -8 * exact.abs().max().item()

@@ -84,12 +84,14 @@ __device__ __forceinline__ void ms_merge(A& m, A& s, A m2, A s2) {
   m = mn;
 }
 
-// A thread's running row statistics: max m, sum of exp(x - m), sum of x (label smoothing only), and
-// whether a NaN was seen. NaN gets a flag rather than riding on a sum: a finite row whose logits sum
-// past the float range (values near 1e38) must not read as NaN.
+// A thread's running row statistics: max m, sum of exp(x - m), sum of x (label smoothing only, in
+// double: a finite row's logits near 1e38 must not overflow it, and a large common offset must not
+// swallow their differences), and whether a NaN was seen. NaN gets a flag rather than riding on a
+// sum, so a finite row never reads as NaN.
 template <typename A>
 struct RowStats {
-  A m = -dinf<A>(), s = A(0), sx = A(0);
+  A m = -dinf<A>(), s = A(0);
+  double sx = 0.0;
   int nan = 0;
 };
 
@@ -109,7 +111,8 @@ __device__ __forceinline__ void group_reduce(RowStats<A>& r) {
   }
   if constexpr (G > 32) {
     constexpr int NW = G / 32;
-    __shared__ A sm[NW], ss[NW], sxs[NW];
+    __shared__ A sm[NW], ss[NW];
+    __shared__ double sxs[NW];
     __shared__ int snan[NW];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     if (lane == 0) {
@@ -148,7 +151,7 @@ __device__ __forceinline__ void online_chunk(const A* xs, RowStats<A>& r, bool s
   }
   if (smooth) {
 #pragma unroll
-    for (int k = 0; k < N; ++k) r.sx += xs[k];
+    for (int k = 0; k < N; ++k) r.sx += static_cast<double>(xs[k]);
   }
 }
 
@@ -244,7 +247,7 @@ __global__ __launch_bounds__(BLOCK) void ce_forward_kernel(const CeSideDev d, co
     const A nll = (st.m - static_cast<A>(x[y])) + ls;
     // F.cross_entropy's smoothing, term by term: a -inf logit at the label gives +inf, not NaN
     const A eps = static_cast<A>(c.eps);
-    loss = smooth ? (A(1) - eps) * nll + eps * ((st.m - st.sx / A(C)) + ls) : nll;
+    loss = smooth ? (A(1) - eps) * nll + eps * static_cast<A>(lse - st.sx / static_cast<double>(C)) : nll;
   }
   d.lse[i] = lse;
   if (d.row_loss) static_cast<A*>(d.row_loss)[i] = loss;
@@ -512,8 +515,8 @@ SideGrads backward(const std::optional<Tensor>& g_s, const std::optional<Tensor>
     d.lse = lse[k].mutable_data_ptr<double>();
     if (reduction == kNone) {
       TORCH_CHECK(go->numel() == d.rows, "grad_output of a per-row loss must have one element per row");
-      // in the accumulation type; a view when possible: an expanded grad_output (stride 0) is read
-      // without materialising it
+      // in the accumulation type (a copy for bf16/fp16 outputs, whose grad_output is not rounded
+      // further); an expanded float grad_output (stride 0) stays a view, read through g_stride
       keep[k] = go->to(sl.device(), acc).reshape({d.rows});
       d.g_rows = keep[k].const_data_ptr();
       d.g_stride = d.rows > 1 ? keep[k].stride(0) : 0;

@@ -85,8 +85,10 @@ inline void fill(T* p, int64_t n, T v) {
   for (int64_t i = 0; i < n; ++i) p[i] = v;
 }
 
-// F.cross_entropy's label-smoothed loss from the row's NLL (lse - x[y]) and mean NLL (lse - sum(x)/C),
+// F.cross_entropy's label-smoothed loss from the row's NLL (lse - x[y]) and mean NLL (lse - mean(x)),
 // combined as F combines them: a -inf logit at the label gives +inf (with eps = 1, 0 * inf = NaN, as in F).
+// The mean NLL is formed as log(s) - sum(x - max)/C: the sum of x - max neither overflows for a finite
+// row (logits near 1e38) nor loses the small differences of logits with a large common offset.
 template <typename T>
 inline T smoothed(T nll, T mean_nll, T eps) {
   return (T(1) - eps) * nll + eps * mean_nll;
@@ -103,9 +105,9 @@ T ce_row_t(const T* x, int64_t C, int64_t y, T eps, T* grad, T scale, double* ls
     if (kGrad) fill(grad, C, nan);
     return nan;
   }
-  // sum of exp(x - m) and of x; with kGrad the exponentials are parked in a per-thread scratch row
-  // that stays in L2. The row's tail is one masked vector: -inf pads give exp() = 0, zero pads add
-  // nothing to sum(x).
+  // sum of exp(x - m) and (label smoothing) of x - m; with kGrad the exponentials are parked in a
+  // per-thread scratch row that stays in L2. The row's tail is one masked vector: -inf pads give
+  // exp() = 0, pads of m add nothing to sum(x - m).
   thread_local std::vector<T> scratch_row;
   T* e_row = nullptr;
   if (kGrad) {
@@ -120,14 +122,14 @@ T ce_row_t(const T* x, int64_t C, int64_t y, T eps, T* grad, T scale, double* ls
     V e = vexp(xv - vm);
     if (kGrad) e.store(e_row + i);
     vs = vs + e;
-    if (kSmooth) vx = vx + xv;
+    if (kSmooth) vx = vx + (xv - vm);
   }
   const int64_t rest = C - i;
   if (rest > 0) {
     V e = vexp(load_tail(x + i, rest, -std::numeric_limits<T>::infinity()) - vm);
     if (kGrad) e.store(e_row + i, rest);
     vs = vs + e;
-    if (kSmooth) vx = vx + V::loadu(x + i, rest);
+    if (kSmooth) vx = vx + (load_tail(x + i, rest, m) - vm);  // pads add m - m = 0
   }
   const T s = at::vec::vec_reduce_all<T>([](V& a, V& b) { return a + b; }, vs);
   const T sx = kSmooth ? at::vec::vec_reduce_all<T>([](V& a, V& b) { return a + b; }, vx) : T(0);
@@ -140,7 +142,7 @@ T ce_row_t(const T* x, int64_t C, int64_t y, T eps, T* grad, T scale, double* ls
   // (m - x[y]) first: with logits near 1e4, lse - x[y] would lose the answer to rounding.
   const T ls = std::log(s);
   const T nll = (m - x[y]) + ls;
-  return kSmooth ? smoothed(nll, (m - sx / T(C)) + ls, eps) : nll;
+  return kSmooth ? smoothed(nll, ls - sx / T(C), eps) : nll;
 }
 
 template <typename T>
@@ -178,7 +180,7 @@ void ce_rows_small(const T* x, int64_t row_stride, int64_t C, const int64_t* y, 
       V e = vexp(xv - vm);
       e.store(xt[c]);  // xt now holds exp(x - m); x itself is re-read below only at the label
       vs = vs + e;
-      vx = vx + xv;
+      vx = vx + (xv - vm);
     }
     alignas(64) T m[W], s[W], sx[W];
     vm.store(m);
@@ -202,7 +204,7 @@ void ce_rows_small(const T* x, int64_t row_stride, int64_t C, const int64_t* y, 
       const T ls = std::log(s[l]);
       lse[r] = double(m[l]) + double(ls);
       const T nll = (m[l] - xy) + ls;
-      loss[r] = eps != T(0) ? smoothed(nll, (m[l] - sx[l] / T(C)) + ls, eps) : nll;
+      loss[r] = eps != T(0) ? smoothed(nll, ls - sx[l] / T(C), eps) : nll;
       if (gr) {
         const T k = scale / s[l], o = scale * off;
         for (int64_t c = 0; c < C; ++c) gr[c] = xt[c][l] * k - o;
