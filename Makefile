@@ -17,7 +17,7 @@ all: test
 $(DEPS): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check torch numpy ninja pybind11 setuptools wheel \
-		pytest pytest-benchmark hypothesis safetensors tqdm scikit-learn matplotlib psutil
+		pytest pytest-benchmark hypothesis expecttest safetensors tqdm scikit-learn matplotlib psutil
 	touch $@
 
 # The editable install is made once (FASTADAPT_BUILD_EXT=0: it only links the source tree into the
@@ -69,7 +69,7 @@ gpu-check:
 
 # ---- sanitize: the CPU extension built with AddressSanitizer + UBSan, and the kernel tests run under it.
 # The tree is copied to build/sanitize/src (only files whose content changed, so the second build is
-# incremental and never misses an edit) and
+# incremental and never misses an edit; files gone from the tree are removed from the copy) and
 # built there, so the normal in-place fastadapt/_C*.so is never touched. torch and python are not
 # instrumented: the ASan runtime is preloaded, leak checking is off (the interpreter leaks at exit),
 # and FASTADAPT_CPU_CACHE_MB=0 turns off the gradient-block cache so every buffer is a fresh
@@ -95,7 +95,10 @@ SAN_ENV    = LD_PRELOAD="$(SAN_LIBS)" \
 sanitize: SHELL := /bin/bash
 sanitize: $(SAN_DEPS)
 	@for lib in $(SAN_LIBS); do test -f $$lib || { echo "sanitize: $$lib missing (install gcc's libasan/libubsan)"; exit 1; }; done
-	rm -rf $(SAN_SRC)/tests $(SAN_SRC)/fastadapt/*.py $(SAN_SRC)/fastadapt/training && mkdir -p $(SAN_SRC)
+	mkdir -p $(SAN_SRC)
+	# files deleted or moved in the source tree go from the copy too (the copy keeps mtimes of unchanged files)
+	cd $(SAN_SRC) && find csrc fastadapt tests docs -type f ! -name '_C*.so' ! -path '*__pycache__*' 2>/dev/null \
+		| while IFS= read -r f; do test -f "$(CURDIR)/$$f" || rm -f "$$f"; done
 	git ls-files -z --cached --others --exclude-standard -- csrc fastadapt tests docs setup.py pyproject.toml README.md \
 		| while IFS= read -r -d '' f; do test -f "$$f" || continue; cmp -s "$$f" "$(SAN_SRC)/$$f" \
 		|| { mkdir -p "$(SAN_SRC)/$$(dirname "$$f")" && cp "$$f" "$(SAN_SRC)/$$f"; }; done

@@ -10,6 +10,7 @@ TORCH_LIBRARY_FRAGMENT(fastadapt, m) {
       "alpha_weighted_cross_entropy(Tensor source_logits, Tensor source_labels, Tensor target_logits, "
       "Tensor target_labels, Tensor alpha, int ignore_index=-100, float label_smoothing=0.0, "
       "int reduction=1) -> (Tensor source_term, Tensor target_term)");
+  // (the terms are float32 for bf16/fp16 logits: see two_sided.h)
   // Used by the autograd node. write_grad[i] asks for side i's gradient for a unit grad_output to be
   // written during the forward where the kernel's strategy does that (the CPU, reduction mean/sum);
   // otherwise that gradient comes back with 0 elements and the backward op computes it.

@@ -12,7 +12,8 @@
 
 namespace fastadapt::ops {
 
-// Logits (..., C) with labels (...) per side; returns (source_term, target_term), already weighted.
+// Logits (..., C) with labels (...) per side; returns (source_term, target_term), already weighted, in
+// the accumulation type (two_sided.h).
 std::tuple<at::Tensor, at::Tensor> alpha_weighted_cross_entropy(const at::Tensor& source_logits,
                                                                 const at::Tensor& source_labels,
                                                                 const at::Tensor& target_logits,

@@ -10,7 +10,8 @@
 
 namespace fastadapt::ops {
 
-// pred and target of one shape per side; returns (source_term, target_term), already weighted.
+// pred and target of one shape per side; returns (source_term, target_term), already weighted, in the
+// accumulation type (two_sided.h).
 std::tuple<at::Tensor, at::Tensor> alpha_weighted_mse(const at::Tensor& source_pred, const at::Tensor& source_target,
                                                       const at::Tensor& target_pred, const at::Tensor& target_target,
                                                       const at::Tensor& alpha, int64_t reduction);

@@ -2,7 +2,9 @@
 // its autograd node (csrc/autograd/two_sided_loss.h).
 //
 // A two-sided loss is `alpha * loss(target) + (1 - alpha) * loss(source)`. Its ops return the two
-// weighted terms, `(source_term, target_term)`; the Python layer adds them for reduction mean/sum.
+// weighted terms, `(source_term, target_term)`, in the accumulation type (float32 for bf16/fp16
+// inputs); the Python layer adds them for reduction mean/sum and rounds the result to the input's
+// dtype once.
 // A side whose weight is exactly 0 is not evaluated: its inputs are not read in forward or backward,
 // so a NaN or an empty batch on that side cannot reach the result.
 //
@@ -26,8 +28,8 @@ namespace fastadapt {
 
 enum Reduction : int64_t { kNone = 0, kMean = 1, kSum = 2 };
 
-// What a two-sided loss forward returns: the two weighted terms (0-dim each for mean/sum; the shape
-// of the side's labels or predictions for none), the tensors its backward needs besides the inputs,
+// What a two-sided loss forward returns: the two weighted terms (accumulation type; 0-dim each for
+// mean/sum, the shape of the side's labels or predictions for none), the tensors its backward needs besides the inputs,
 // and each side's gradient for a unit grad_output where the kernel wrote it during the forward pass
 // (else a tensor of 0 elements).
 using LossForward = std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor>;

@@ -3,8 +3,9 @@
 // Forward runs the loss's internal forward op. Where the loss writes gradients during the forward
 // (Loss::writes_grad_in_forward: the CPU kernels with reduction mean/sum, one read of the input in
 // all), it asks for them for each side whose input requires grad; backward then only scales the saved
-// gradient by that side's grad_output, without a copy for the usual unit grad_output. Elsewhere
-// backward runs the internal backward op, which reads the inputs again. Each side's gradient follows
+// gradient by that side's grad_output, without a copy for the usual unit grad_output (and not at all
+// where that would round a low-precision gradient twice: saved_grad_serves). Elsewhere backward runs
+// the internal backward op, which reads the inputs again. Each side's gradient follows
 // its own term's grad_output, so a caller may weight or drop either term; a side whose term did not
 // reach the loss gets no gradient at all.
 //
@@ -62,7 +63,7 @@ class TwoSidedLossNode : public torch::autograd::Function<Loss> {
       const bool needed = ctx->needs_input_grad(2 * k) || (Loss::kSecondInputGrad && ctx->needs_input_grad(2 * k + 1));
       if (!needed || !grads[k].defined()) continue;  // no gradient: autograd reads it as zeros
       // create_graph=True needs a differentiable backward: the op path raises a clear error there.
-      if (written[k] && !at::GradMode::is_enabled()) {
+      if (written[k] && !at::GradMode::is_enabled() && saved_grad_serves(v[4 + k], grads[k])) {
         g[k] = scale_saved_grad(v[4 + k], grads[k]);
       } else {
         rest[k] = true;

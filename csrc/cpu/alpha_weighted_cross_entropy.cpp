@@ -176,19 +176,18 @@ LossForward forward(const Tensor& sl, const Tensor& sy, const Tensor& tl, const 
     const Side& d = sides[k];
     const int64_t offset = k == 0 ? 0 : sides[0].rows;
     if (reduction == kNone) {
-      Tensor out = at::empty(d.label_sizes, opts.dtype(acc));
+      terms[k] = at::empty(d.label_sizes, opts.dtype(acc));
       AT_DISPATCH_FLOATING_TYPES(acc, "awce_none", [&] {
-        auto* p = out.data_ptr<scalar_t>();
+        auto* p = terms[k].data_ptr<scalar_t>();
         for (int64_t i = 0; i < d.rows; ++i) p[i] = d.evaluated ? scalar_t(d.weight * row_loss[offset + i]) : 0;
       });
-      terms[k] = out.to(sl.scalar_type());
       continue;
     }
     double sum = 0.0;  // fixed order: the result does not depend on the thread count
     for (int64_t i = 0; i < d.rows; ++i) sum += row_loss[offset + i];
     // a zero-weight term is not evaluated: no NaN from an empty side's mean
     const double term = !d.evaluated ? 0.0 : reduction == kMean ? d.weight * (sum / double(counts[k])) : d.weight * sum;
-    terms[k] = at::scalar_tensor(term, opts);
+    terms[k] = at::scalar_tensor(term, opts.dtype(acc));
   }
   Tensor cnt = at::empty({2}, opts.dtype(at::kLong));
   cnt.data_ptr<int64_t>()[0] = counts[0];

@@ -53,17 +53,17 @@ std::array<Side, 2> make_sides(const Tensor& sp, const Tensor& st, const Tensor&
 }
 
 // One pass over the sides with compute[k] set: chunk sums into partial[], optional grad = scale*(x-y),
-// optional elem = w*(x-y)^2. The other sides are not read (their partial sums are 0).
-template <typename scalar_t>
+// optional elem = w*(x-y)^2 (in the accumulation type, as the op returns its terms). The other sides
+// are not read (their partial sums are 0).
+template <typename scalar_t, typename A = acc_t<scalar_t>>
 void run_chunks(const std::array<Side, 2>& sides, const std::array<bool, 2>& compute,
-                const std::array<scalar_t*, 2>& grad, std::array<double, 2> scale,
-                const std::array<scalar_t*, 2>& elem, std::vector<double>& partial) {
-  using A = acc_t<scalar_t>;
+                const std::array<scalar_t*, 2>& grad, std::array<double, 2> scale, const std::array<A*, 2>& elem,
+                std::vector<double>& partial) {
   constexpr bool kWiden = !std::is_same_v<scalar_t, A>;
   const auto& f = loss_row_fns<A>();
   const int64_t total = sides[0].chunks + sides[1].chunks;
   at::parallel_for(0, total, 1, [&](int64_t begin, int64_t end) {
-    std::vector<A> xs(kWiden ? kChunk : 0), ys(kWiden ? kChunk : 0), gs(kWiden ? kChunk : 0), es(kWiden ? kChunk : 0);
+    std::vector<A> xs(kWiden ? kChunk : 0), ys(kWiden ? kChunk : 0), gs(kWiden ? kChunk : 0);
     for (int64_t c = begin; c < end; ++c) {
       const int k = c < sides[0].chunks ? 0 : 1;
       const Side& s = sides[k];
@@ -73,14 +73,12 @@ void run_chunks(const std::array<Side, 2>& sides, const std::array<bool, 2>& com
       const scalar_t* x = s.pred.const_data_ptr<scalar_t>() + off;
       const scalar_t* y = s.target.const_data_ptr<scalar_t>() + off;
       scalar_t* g = grad[k] ? grad[k] + off : nullptr;
-      scalar_t* e = elem[k] ? elem[k] + off : nullptr;
+      A* e = elem[k] ? elem[k] + off : nullptr;
       if constexpr (kWiden) {
         at::vec::convert(x, xs.data(), len);
         at::vec::convert(y, ys.data(), len);
-        partial[c] = f.mse_chunk(xs.data(), ys.data(), len, g ? gs.data() : nullptr, A(scale[k]),
-                                 e ? es.data() : nullptr, A(s.weight));
+        partial[c] = f.mse_chunk(xs.data(), ys.data(), len, g ? gs.data() : nullptr, A(scale[k]), e, A(s.weight));
         if (g) at::vec::convert(gs.data(), g, len);
-        if (e) at::vec::convert(es.data(), e, len);
       } else {
         partial[c] = f.mse_chunk(x, y, len, g, A(scale[k]), e, A(s.weight));
       }
@@ -92,6 +90,7 @@ LossForward forward(const Tensor& sp, const Tensor& st, const Tensor& tp, const 
                     int64_t reduction, std::array<bool, 2> write_grad) {
   const std::array<Side, 2> sides = make_sides(sp, st, tp, tt, alpha, reduction);
   const auto opts = sp.options();
+  const auto acc = at::toOpMathType(sp.scalar_type());
   std::array<Tensor, 2> grads, elem;
   std::array<double, 2> scale{};
   for (int k = 0; k < 2; ++k) {
@@ -99,14 +98,15 @@ LossForward forward(const Tensor& sp, const Tensor& st, const Tensor& tp, const 
     scale[k] = 2.0 * d.weight / (reduction == kMean ? double(d.n) : 1.0);
     grads[k] = grad_buffer(plan_grad(write_grad[k], !d.evaluated), d.sizes, opts, empty_large);
     // reduction none: the weighted squared errors, written in the same pass (zeros for a skipped side)
-    elem[k] = grad_buffer(plan_grad(reduction == kNone, !d.evaluated), d.sizes, opts, empty_tensor);
+    elem[k] = grad_buffer(plan_grad(reduction == kNone, !d.evaluated), d.sizes, opts.dtype(acc), empty_tensor);
   }
   const std::array<bool, 2> compute = {sides[0].evaluated, sides[1].evaluated};
   std::vector<double> partial(sides[0].chunks + sides[1].chunks);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, sp.scalar_type(), "alpha_weighted_mse_cpu", [&] {
-    auto ptr = [&](const Tensor& t, int k) { return compute[k] && t.numel() ? t.data_ptr<scalar_t>() : nullptr; };
-    run_chunks<scalar_t>(sides, compute, {ptr(grads[0], 0), ptr(grads[1], 1)}, scale,
-                         {ptr(elem[0], 0), ptr(elem[1], 1)}, partial);
+    using A = acc_t<scalar_t>;
+    auto grad_ptr = [&](int k) { return compute[k] && grads[k].numel() ? grads[k].data_ptr<scalar_t>() : nullptr; };
+    auto elem_ptr = [&](int k) { return compute[k] && elem[k].numel() ? elem[k].data_ptr<A>() : nullptr; };
+    run_chunks<scalar_t>(sides, compute, {grad_ptr(0), grad_ptr(1)}, scale, {elem_ptr(0), elem_ptr(1)}, partial);
   });
   if (reduction == kNone) return {elem[0], elem[1], {}, grads[0], grads[1]};
   std::array<Tensor, 2> terms;
@@ -117,7 +117,7 @@ LossForward forward(const Tensor& sp, const Tensor& st, const Tensor& tp, const 
     for (int64_t i = 0; i < d.chunks; ++i) sum += partial[first + i];
     // a zero-weight term is not evaluated: no NaN from an empty side's mean
     const double term = !d.evaluated ? 0.0 : d.weight * (reduction == kMean ? sum / double(d.n) : sum);
-    terms[k] = at::scalar_tensor(term, opts);
+    terms[k] = at::scalar_tensor(term, opts.dtype(acc));
   }
   return {terms[0], terms[1], {}, grads[0], grads[1]};
 }

@@ -1,7 +1,7 @@
 // Direct calls into the BLAS that libtorch_cpu itself uses (MKL in the x86 wheels), for the small
-// GEMMs of a Linear layer. at::mm_out costs ~6 us per call on top of the BLAS at an MNIST-MLP size
-// (dispatch, checks, its own transposition logic), about 10% of the GEMM, and it cannot be run on
-// one thread per slice of the output. Found at load time; when it is missing (another BLAS, another
+// GEMMs of a Linear layer. At an MNIST-MLP size at::mm_out's own work per call (dispatch, checks,
+// its transposition logic) is a measurable share of the GEMM (BENCHMARKS.md, issue 3), and it cannot
+// be run on one thread per slice of the output. Found at load time; when it is missing (another BLAS, another
 // platform) `available()` is false and callers keep at::mm.
 #pragma once
 #include <cstdint>

@@ -1,8 +1,8 @@
 // Allocation of large CPU output buffers (loss gradients) without the page-fault bill.
 //
-// Measured on the 2-core dev machines: touching a freshly mmap'd 262 MB buffer costs ~60 ms of page
-// faults, five times what copying it costs, and glibc returns every block that large to the kernel
-// on free. So gradients of at least kMinBytes come from a small cache of 2 MB-aligned blocks advised
+// On the 2-core dev machines touching a freshly mmap'd buffer of a few hundred MB costs several times
+// what copying it does, in page faults (BENCHMARKS.md and shared/ANCHORS.md have the numbers), and
+// glibc returns every block that large to the kernel on free. So gradients of at least kMinBytes come from a small cache of 2 MB-aligned blocks advised
 // MADV_HUGEPAGE: the first touch faults once per 2 MB instead of once per 4 KB, and a block freed by
 // one training step is reused by the next without faulting at all (best fit, up to twice the
 // requested size, so batches of varying length reuse blocks too). The cache holds at most

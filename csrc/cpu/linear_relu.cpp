@@ -76,9 +76,9 @@ constexpr int64_t elementwise_macs(int64_t elems) { return elems * (kSerialMacs 
 
 // Runs f(c0, c1) over slices [c0, c1) of n rows or columns, one slice per thread, slice edges on
 // multiples of 16 (one AVX-512 register of floats, so no slice splits a BLAS micro-tile). Each slice's
-// BLAS call then runs single-threaded inside the parallel region: measured on the MNIST-MLP layer
-// (64x784 @ 784x128) this beats one call threaded by the BLAS itself by 3-4 us, and the slice's
-// epilogue runs on the thread whose cache holds it.
+// BLAS call then runs single-threaded inside the parallel region: at the MNIST-MLP layer this beat one
+// call threaded by the BLAS itself (BENCHMARKS.md, issue 3), and the slice's epilogue runs on the
+// thread whose cache holds it.
 template <typename F>
 void over_slices(int64_t n, int64_t macs, const F& f) {
   const int64_t units = (n + 15) / 16;
@@ -206,7 +206,7 @@ std::tuple<Tensor, Tensor, Tensor> linear_relu_backward(const Tensor& grad_outpu
 
   // grad_output as (rows, out). The mask pass reads rows with unit stride (a row stride of 0, one
   // broadcast row, is fine); any other layout is copied once, output-sized. That includes the all-zero
-  // strides of the gradient of sum(): read element by element it cost 46 us at 64x128, the copy ~2 us.
+  // strides of the gradient of sum(), which read element by element cost far more than the copy.
   Tensor g2 = grad_output.dim() == 2 ? grad_output : grad_output.reshape({rows, out_f});
   if (g2.stride(1) != 1 && out_f > 1) g2 = g2.contiguous();
   const Tensor y2 = output.reshape({rows, out_f}).contiguous();  // saved by our forward: already contiguous
@@ -235,8 +235,8 @@ std::tuple<Tensor, Tensor, Tensor> linear_relu_backward(const Tensor& grad_outpu
       Tensor gx2 = gx.view({rows, in_f});
       if (blas_ok) {
         const Tensor wr = row_major(weight);
-        // grad_x[r0:r1] = gm[r0:r1] @ W, a slice of rows per thread (measured at 4096x1024x1024: 27.7 ms,
-        // against 30.5 ms for slices of input features and 28.7 ms for one BLAS-threaded call).
+        // grad_x[r0:r1] = gm[r0:r1] @ W, a slice of rows per thread: faster at the large layer than
+        // slices of input features or one BLAS-threaded call (BENCHMARKS.md, issue 3).
         over_slices(rows, rows * in_f * out_f, [&](int64_t r0, int64_t r1) {
           blas_gemm<scalar_t>(r1 - r0, in_f, out_f, {gmp + r0 * out_f, out_f, false},
                               {wr.const_data_ptr<scalar_t>(), wr.stride(0), false}, gx2.data_ptr<scalar_t>() + r0 * in_f,

@@ -43,8 +43,8 @@ template <typename T>
 struct DenseRowFns {
   // row = max(row + b, 0) in place (b may be null); NaN stays NaN, as in torch.relu.
   void (*bias_relu)(T* row, const T* b, int64_t n);
-  // gm = g * (y > 0), and acc += gm in the accumulation type when acc is non-null. Selecting keeps gm
-  // exact in bf16; only acc is wider.
+  // gm = g where y > 0 or y is NaN (torch.relu's backward zeroes only where y <= 0), else 0; and
+  // acc += gm in the accumulation type when acc is non-null. Selecting keeps gm exact in bf16.
   void (*relu_mask)(const T* g, const T* y, T* gm, acc_t<T>* acc, int64_t n);
 };
 

@@ -50,7 +50,7 @@ struct CeSideDev {
   int64_t rows = 0, classes = 0, row_stride = 0;
   double* lse = nullptr;          // (rows,): see csrc/cpu/row_kernels.h for why not acc_t
   void* row_loss = nullptr;       // acc_t (rows,) unweighted losses (reduction mean/sum), or null
-  void* out_none = nullptr;       // scalar_t (rows,) weighted per-row losses (reduction none), or null
+  void* out_none = nullptr;       // acc_t (rows,) weighted per-row losses (reduction none), or null
   void* grad = nullptr;           // scalar_t (rows, classes) contiguous, or null (not computed)
   const void* g_rows = nullptr;   // acc_t per-row grad_output (reduction none), or null
   int64_t g_stride = 0;
@@ -253,8 +253,7 @@ __global__ __launch_bounds__(BLOCK) void ce_forward_kernel(const CeSideDev d, co
   if (d.row_loss) static_cast<A*>(d.row_loss)[i] = loss;
   if (d.out_none) {
     // a zero-weight side is not evaluated: its outputs are 0 even where the loss would be NaN
-    static_cast<scalar_t*>(d.out_none)[i] =
-        static_cast<scalar_t>(static_cast<A>(w == 0.0 ? 0.0 : w * static_cast<double>(loss)));
+    static_cast<A*>(d.out_none)[i] = static_cast<A>(w == 0.0 ? 0.0 : w * static_cast<double>(loss));
   }
 }
 
@@ -346,8 +345,8 @@ constexpr int kFinalizeThreads = 1024;
 
 template <typename scalar_t>
 __global__ __launch_bounds__(kFinalizeThreads) void ce_finalize_kernel(const CeSideDev s, const CeSideDev t,
-                                                                        const CeCommon c, scalar_t* term_s,
-                                                                        scalar_t* term_t, int64_t* counts) {
+                                                                        const CeCommon c, acc_t<scalar_t>* term_s,
+                                                                        acc_t<scalar_t>* term_t, int64_t* counts) {
   using A = acc_t<scalar_t>;
   __shared__ double dsm[32];
   __shared__ long long lsm[32];
@@ -368,8 +367,8 @@ __global__ __launch_bounds__(kFinalizeThreads) void ce_finalize_kernel(const CeS
     }
     if (threadIdx.x == 0) {
       counts[sd] = cnt;
-      scalar_t* out = sd == 0 ? term_s : term_t;
-      if (out) *out = static_cast<scalar_t>(term);
+      A* out = sd == 0 ? term_s : term_t;
+      if (out) *out = static_cast<A>(term);
     }
   }
 }
@@ -455,18 +454,19 @@ LossForward forward(const Tensor& sl, const Tensor& sy, const Tensor& tl, const 
     lse[k] = at::empty({d.rows}, opts.dtype(at::kDouble));
     d.lse = lse[k].mutable_data_ptr<double>();
     if (reduction == kNone) {
-      terms[k] = at::empty(call.h[k].label_sizes, opts);
+      terms[k] = at::empty(call.h[k].label_sizes, opts.dtype(acc));
       d.out_none = terms[k].mutable_data_ptr();
     } else {
-      terms[k] = at::empty({}, opts);
+      terms[k] = at::empty({}, opts.dtype(acc));
       row_loss[k] = at::empty({d.rows}, opts.dtype(acc));
       d.row_loss = row_loss[k].mutable_data_ptr();
     }
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, sl.scalar_type(), "alpha_weighted_cross_entropy_cuda", [&] {
     for (int k = 0; k < 2; ++k) launch_side<scalar_t, false>(call.d[k], call.c, k, stream);
-    scalar_t* ts = reduction == kNone ? nullptr : terms[0].mutable_data_ptr<scalar_t>();
-    scalar_t* tt = reduction == kNone ? nullptr : terms[1].mutable_data_ptr<scalar_t>();
+    using A = acc_t<scalar_t>;
+    A* ts = reduction == kNone ? nullptr : terms[0].mutable_data_ptr<A>();
+    A* tt = reduction == kNone ? nullptr : terms[1].mutable_data_ptr<A>();
     ce_finalize_kernel<scalar_t><<<1, kFinalizeThreads, 0, stream>>>(call.d[0], call.d[1], call.c, ts, tt,
                                                                      counts.mutable_data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();

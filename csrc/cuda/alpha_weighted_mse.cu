@@ -39,7 +39,7 @@ struct MseSideDev {
   int64_t n = 0;
   int64_t block_begin = 0, nblocks = 0;  // this side's blocks in the grid / in the partials
   bool vec = false;                      // every pointer of this side is 16-byte aligned
-  void* out_none = nullptr;              // scalar_t (n,) weighted squared errors, or null
+  void* out_none = nullptr;              // acc_t (n,) weighted squared errors (reduction none), or null
   void* grad = nullptr;                  // scalar_t (n,) gradient wrt pred, or null
   const void* g_elem = nullptr;          // acc_t (n,) elementwise grad_output (reduction none), or null
   const double* g_dev = nullptr;         // scalar grad_output on the device, else g_host
@@ -66,7 +66,7 @@ __global__ __launch_bounds__(kThreads) void mse_kernel(const MseArgs p) {
   const bool zero = w == 0.0;  // uniform across the block
   const scalar_t* x = static_cast<const scalar_t*>(d.pred);
   const scalar_t* y = static_cast<const scalar_t*>(d.target);
-  scalar_t* out = static_cast<scalar_t*>(d.out_none);
+  A* out = static_cast<A*>(d.out_none);
   scalar_t* grad = static_cast<scalar_t*>(d.grad);
   const A* ge = static_cast<const A*>(d.g_elem);
   // d loss / d pred = g * 2w (d / n for mean); formed in double, rounded once to the acc type
@@ -76,11 +76,11 @@ __global__ __launch_bounds__(kThreads) void mse_kernel(const MseArgs p) {
   const A wa = static_cast<A>(w);
 
   double acc = 0.0;  // fp64 adds are free in a memory-bound loop and keep long per-thread sums accurate
-  auto one = [&](A xv, A yv, A gv, scalar_t& o_out, scalar_t& o_grad) {
+  auto one = [&](A xv, A yv, A gv, A& o_out, scalar_t& o_grad) {
     const A diff = xv - yv;
     const A d2 = diff * diff;
     acc += static_cast<double>(d2);
-    o_out = static_cast<scalar_t>(zero ? A(0) : d2 * wa);
+    o_out = zero ? A(0) : d2 * wa;
     o_grad = static_cast<scalar_t>(zero ? A(0) : diff * (ge ? gv * k_elem : k_scalar));
   };
 
@@ -92,19 +92,24 @@ __global__ __launch_bounds__(kThreads) void mse_kernel(const MseArgs p) {
     scalar_begin = nvec * VN;
     for (int64_t v = tid; v < nvec; v += nthreads) {
       const int64_t e = v * VN;
-      V xv, yv, ov, gr;
+      V xv, yv, gr;
+      A ov[VN];
       *reinterpret_cast<uint4*>(&xv) = __ldg(reinterpret_cast<const uint4*>(x + e));
       *reinterpret_cast<uint4*>(&yv) = __ldg(reinterpret_cast<const uint4*>(y + e));
 #pragma unroll
       for (int k = 0; k < VN; ++k) {
-        one(static_cast<A>(xv.v[k]), static_cast<A>(yv.v[k]), ge ? ge[e + k] : A(0), ov.v[k], gr.v[k]);
+        one(static_cast<A>(xv.v[k]), static_cast<A>(yv.v[k]), ge ? ge[e + k] : A(0), ov[k], gr.v[k]);
       }
-      if (out) *reinterpret_cast<uint4*>(out + e) = *reinterpret_cast<const uint4*>(&ov);
+      if (out) {
+#pragma unroll
+        for (int k = 0; k < VN; ++k) out[e + k] = ov[k];  // the accumulation type: not one 16-byte vector
+      }
       if (grad) *reinterpret_cast<uint4*>(grad + e) = *reinterpret_cast<const uint4*>(&gr);
     }
   }
   for (int64_t e = scalar_begin + tid; e < d.n; e += nthreads) {
-    scalar_t o, gr;
+    A o;
+    scalar_t gr;
     one(static_cast<A>(x[e]), static_cast<A>(y[e]), ge ? ge[e] : A(0), o, gr);
     if (out) out[e] = o;
     if (grad) grad[e] = gr;
@@ -119,8 +124,8 @@ constexpr int kFinalizeThreads = 512;
 
 // One block: each side's weighted term from its blocks' partial sums, in a fixed order.
 template <typename scalar_t>
-__global__ __launch_bounds__(kFinalizeThreads) void mse_finalize_kernel(const MseArgs p, scalar_t* term_s,
-                                                                         scalar_t* term_t) {
+__global__ __launch_bounds__(kFinalizeThreads) void mse_finalize_kernel(const MseArgs p, acc_t<scalar_t>* term_s,
+                                                                         acc_t<scalar_t>* term_t) {
   __shared__ double smem[kFinalizeThreads / 32];
   for (int sd = 0; sd < 2; ++sd) {
     const MseSideDev& d = p.s[sd];
@@ -132,7 +137,7 @@ __global__ __launch_bounds__(kFinalizeThreads) void mse_finalize_kernel(const Ms
       sum = block_sum(sum, smem);
       term = p.reduction == kMean ? w * (sum / static_cast<double>(d.n)) : w * sum;
     }
-    if (threadIdx.x == 0) *(sd == 0 ? term_s : term_t) = static_cast<scalar_t>(term);
+    if (threadIdx.x == 0) *(sd == 0 ? term_s : term_t) = static_cast<acc_t<scalar_t>>(term);
   }
 }
 
@@ -150,8 +155,8 @@ void assign_blocks(MseArgs& p, const std::array<bool, 2>& run, int vn) {
     d.nblocks = run[k] ? blocks_for(d.n, vn) : 0;
     d.block_begin = begin;
     begin += d.nblocks;
-    // the elementwise grad_output (acc_t) is read element by element, so it does not constrain this
-    d.vec = aligned16(d.pred) && aligned16(d.target) && aligned16(d.out_none) && aligned16(d.grad);
+    // the per-element losses and grad_output (acc_t) are accessed element by element: no constraint
+    d.vec = aligned16(d.pred) && aligned16(d.target) && aligned16(d.grad);
   }
 }
 
@@ -164,7 +169,7 @@ void launch(const MseArgs& p, at::ScalarType dtype, std::array<Tensor, 2>* terms
     }
     if (terms) {
       mse_finalize_kernel<scalar_t><<<1, kFinalizeThreads, 0, stream>>>(
-          p, (*terms)[0].mutable_data_ptr<scalar_t>(), (*terms)[1].mutable_data_ptr<scalar_t>());
+          p, (*terms)[0].mutable_data_ptr<acc_t<scalar_t>>(), (*terms)[1].mutable_data_ptr<acc_t<scalar_t>>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
@@ -204,15 +209,16 @@ LossForward forward(const Tensor& sp, const Tensor& st, const Tensor& tp, const 
   MseCall call = prepare_call(sp, st, tp, tt, alpha, reduction);
   MseArgs& p = call.p;
   const auto opts = sp.options();
+  const auto acc_opts = opts.dtype(at::toOpMathType(sp.scalar_type()));  // terms in the accumulation type
   std::array<Tensor, 2> terms, grads;
   Tensor partials;
   for (int k = 0; k < 2; ++k) {
     const bool skipped = call.w.skipped(k);
     if (reduction == kNone) {
-      terms[k] = grad_buffer(plan_grad(true, skipped), call.h[k].sizes, opts, empty_tensor);
+      terms[k] = grad_buffer(plan_grad(true, skipped), call.h[k].sizes, acc_opts, empty_tensor);
       if (!skipped) p.s[k].out_none = terms[k].mutable_data_ptr();
     } else {
-      terms[k] = at::empty({}, opts);
+      terms[k] = at::empty({}, acc_opts);
     }
     const GradPlan plan = plan_grad(write_grad[k], skipped);
     grads[k] = grad_buffer(plan, call.h[k].sizes, opts, empty_tensor);

@@ -51,7 +51,8 @@ __global__ __launch_bounds__(kCols* kRows) void relu_grad_bias_kernel(const scal
   if (c < N) {
     for (int64_t r = int64_t(blockIdx.y) * kRows + threadIdx.y; r < M; r += int64_t(gridDim.y) * kRows) {
       const int64_t o = r * N + c;
-      const scalar_t v = static_cast<A>(y[o]) > A(0) ? g[o] : static_cast<scalar_t>(0);
+      // zero only where y <= 0: a NaN output passes its gradient on, as torch.relu's backward does
+      const scalar_t v = static_cast<A>(y[o]) <= A(0) ? static_cast<scalar_t>(0) : g[o];
       if (gm) gm[o] = v;
       acc += static_cast<A>(v);
     }

@@ -8,10 +8,12 @@ from fastadapt.ops._extension import has_ops
 
 
 def _terms(reduction, s_shape, t_shape, like):
-    """A two-sided loss's weighted terms: per row/element for reduction none (0), else 0-dim each."""
+    """A two-sided loss's weighted terms, in the accumulation type (float32 for bf16/fp16): per row or
+    element for reduction none (0), else 0-dim each."""
+    dtype = torch.float32 if like.dtype in (torch.bfloat16, torch.float16) else like.dtype
     if reduction == 0:
-        return like.new_empty(s_shape), like.new_empty(t_shape)
-    return like.new_empty(()), like.new_empty(())
+        return like.new_empty(s_shape, dtype=dtype), like.new_empty(t_shape, dtype=dtype)
+    return like.new_empty((), dtype=dtype), like.new_empty((), dtype=dtype)
 
 
 def _grad_or_empty(flag, like):

@@ -2,7 +2,8 @@
 
 Functional API plus a thin ``nn.Module``. Each call validates its arguments (fastadapt/ops/_validate.py),
 then runs the fused compiled op when it is available for the inputs' device, else the pure-PyTorch
-reference. Both return the two weighted terms; reduction mean/sum adds them here.
+reference. Both return the two weighted terms in float32 or better; reduction mean/sum adds them
+here, and the result is rounded to the inputs' dtype once.
 """
 from __future__ import annotations
 
@@ -53,7 +54,14 @@ def alpha_weighted_cross_entropy(source_logits, source_labels, target_logits, ta
             evaluated.append(("target_labels", tl, target_labels))
         _validate.raise_named_label_error(evaluated, ignore_index)
         raise
-    return tuple(terms) if red == 0 else terms[0] + terms[1]
+    return _combine(terms, red, source_logits.dtype)
+
+
+def _combine(terms, reduction_code, dtype):
+    # the terms are in float32 or better: a bf16 loss is rounded once, after the addition
+    if reduction_code == 0:
+        return terms[0].to(dtype), terms[1].to(dtype)
+    return (terms[0] + terms[1]).to(dtype)
 
 
 def alpha_weighted_mse(source_pred, source_target, target_pred, target_target, alpha=0.5, *, reduction="mean"):
@@ -75,7 +83,7 @@ def alpha_weighted_mse(source_pred, source_target, target_pred, target_target, a
                                                                a, red)
     else:
         terms = reference.alpha_weighted_mse(source_pred, source_target, target_pred, target_target, a, reduction)
-    return tuple(terms) if red == 0 else terms[0] + terms[1]
+    return _combine(terms, red, source_pred.dtype)
 
 
 class AlphaWeightedLoss(nn.Module):

@@ -2,9 +2,9 @@
 the oracle the tests compare the kernels against (in float64).
 
 They take what the compiled ops take (arguments already validated; cross-entropy logits class-last)
-and return what they return: the two weighted terms ``(source_term, target_term)``. A term whose
-weight is exactly 0 is not evaluated at all, so alpha=1 with an empty, NaN or all-ignored source
-batch gives the target loss. Low precision is computed in float32 and rounded once, as the kernels do.
+and return what they return: the two weighted terms ``(source_term, target_term)``, in float32 for
+bfloat16/float16 inputs (the caller rounds the sum once). A term whose weight is exactly 0 is not
+evaluated at all, so alpha=1 with an empty, NaN or all-ignored source batch gives the target loss.
 """
 from __future__ import annotations
 
@@ -39,10 +39,10 @@ def alpha_weighted_cross_entropy(source_logits, source_labels, target_logits, ta
     terms = []
     for weight, logits, labels in ((1.0 - alpha, source_logits, source_labels), (alpha, target_logits, target_labels)):
         if _is_zero(weight):  # not evaluated at all: a NaN or an empty batch on this side cannot reach the result
-            terms.append(logits.new_zeros(labels.shape if reduction == "none" else ()))
+            terms.append(_wide(logits).new_zeros(labels.shape if reduction == "none" else ()))
         else:
             loss = cross_entropy_term(logits, labels, ignore_index, label_smoothing, reduction)
-            terms.append((weight * loss).to(logits.dtype))
+            terms.append((weight * loss).to(loss.dtype))
     return tuple(terms)
 
 
@@ -50,9 +50,10 @@ def alpha_weighted_mse(source_pred, source_target, target_pred, target_target, a
     terms = []
     for weight, pred, target in ((1.0 - alpha, source_pred, source_target), (alpha, target_pred, target_target)):
         if _is_zero(weight):
-            terms.append(pred.new_zeros(pred.shape if reduction == "none" else ()))
+            terms.append(_wide(pred).new_zeros(pred.shape if reduction == "none" else ()))
         else:
-            terms.append((weight * F.mse_loss(_wide(pred), _wide(target), reduction=reduction)).to(pred.dtype))
+            loss = F.mse_loss(_wide(pred), _wide(target), reduction=reduction)
+            terms.append((weight * loss).to(loss.dtype))
     return tuple(terms)
 
 

@@ -29,12 +29,12 @@ void relu_mask(const T* __restrict g, const T* __restrict y, T* __restrict gm, a
   using A = acc_t<T>;
   if (acc) {
     for (int64_t c = 0; c < n; ++c) {
-      const A m = A(y[c]) > A(0) ? A(g[c]) : A(0);
+      const A m = A(y[c]) <= A(0) ? A(0) : A(g[c]);
       gm[c] = T(m);
       acc[c] += m;
     }
   } else {
-    for (int64_t c = 0; c < n; ++c) gm[c] = A(y[c]) > A(0) ? g[c] : T(0);
+    for (int64_t c = 0; c < n; ++c) gm[c] = A(y[c]) <= A(0) ? T(0) : g[c];
   }
 }
 
