@@ -46,10 +46,7 @@ def use_compiled(*tensors: torch.Tensor) -> bool:
                 stacklevel=3,
             )
         return False
-    for t in tensors:
-        if t is not None and t.device.type == "cuda" and not _C.with_cuda:
-            return False
-    return True
+    return bool(_C.with_cuda) or not any(t is not None and t.is_cuda for t in tensors)
 
 
 def build_info() -> dict:

@@ -156,6 +156,15 @@ def raise_named_label_error(sides, ignore_index):
 
 
 def check_linear_relu_args(x, weight, bias):
+    # On every forward of every fused layer: the usual case is settled with a few attribute reads
+    # (BENCHMARKS.md, issue 10, has what a call costs); anything else takes the detailed checks below.
+    if (isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor) and x.dtype in _CPU_FLOATS
+            and weight.dtype == x.dtype and weight.dim() == 2 and x.dim() >= 1 and x.shape[-1] == weight.shape[1]
+            and (bias is None or (isinstance(bias, torch.Tensor) and bias.dtype == x.dtype and bias.dim() == 1
+                                  and bias.shape[0] == weight.shape[0]))):
+        device = x.device
+        if weight.device == device and (bias is None or bias.device == device):
+            return
     check_tensor("x", x)
     check_tensor("weight", weight)
     if bias is not None:

@@ -12,7 +12,10 @@ import torch
 from torch import nn
 
 from fastadapt.ops import _validate, reference
-from fastadapt.ops._extension import use_compiled
+from fastadapt.ops._extension import has_ops, use_compiled
+
+# The op, looked up once: the attribute chain torch.ops.fastadapt.linear_relu.default costs on every call.
+_LINEAR_RELU = torch.ops.fastadapt.linear_relu.default if has_ops() else None
 
 
 def linear_relu(x, weight, bias=None):
@@ -24,7 +27,7 @@ def linear_relu(x, weight, bias=None):
     """
     _validate.check_linear_relu_args(x, weight, bias)
     if use_compiled(x):
-        return torch.ops.fastadapt.linear_relu.default(x, weight, bias)
+        return _LINEAR_RELU(x, weight, bias)
     return reference.linear_relu(x, weight, bias)
 
 
