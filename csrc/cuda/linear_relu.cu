@@ -149,7 +149,7 @@ std::tuple<Tensor, Tensor, Tensor> linear_relu_backward(const Tensor& grad_outpu
     const int64_t col_blocks = (out + kCols - 1) / kCols;
     const int64_t chunks = std::min<int64_t>((M + kRows * 16 - 1) / (kRows * 16), kMaxRowChunks);
     TORCH_CHECK(col_blocks < INT_MAX, "linear_relu: too many output features");
-    Tensor partial = mask[2] ? at::empty({chunks, out}, opts.dtype(acc_type_for(x.scalar_type()))) : Tensor();
+    Tensor partial = mask[2] ? at::empty({chunks, out}, opts.dtype(at::toOpMathType(x.scalar_type()))) : Tensor();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "linear_relu_backward_cuda", [&] {
       using A = acc_t<scalar_t>;
       const dim3 grid(static_cast<unsigned>(col_blocks), static_cast<unsigned>(chunks));
