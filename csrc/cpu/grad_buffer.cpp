@@ -17,7 +17,7 @@ namespace fastadapt::cpu {
 namespace {
 
 constexpr int64_t kHuge = int64_t(2) << 20;       // 2 MB: one transparent huge page
-constexpr int64_t kMinBytes = int64_t(16) << 20;  // below this glibc's heap already reuses memory
+constexpr int64_t kMinBytes = int64_t(1) << 20;  // see grad_buffer.h
 
 struct Cache {
   std::mutex mu;

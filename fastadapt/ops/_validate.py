@@ -109,7 +109,9 @@ def ce_side(side, logits, labels, class_dim):
     if logits.dim() < 1:
         raise ValueError(f"{ln} must have a class dimension, got a 0-dim tensor")
     if class_dim == 1 and logits.dim() >= 2:
-        expected, logits_last = (logits.shape[0], *logits.shape[2:]), logits.movedim(1, -1)
+        # (N, C) is already class-last: no view, so autograd hands the kernel's gradient over as it is
+        expected = (logits.shape[0], *logits.shape[2:])
+        logits_last = logits.movedim(1, -1) if logits.dim() >= 3 else logits
         layout = "class_dim=1 reads logits as F.cross_entropy does, (N, C, d1, ...) with labels (N, d1, ...)"
         hint = ("; for class-last logits (..., C), such as a language model's (batch, seq, vocab), pass "
                 "class_dim=-1") if logits.dim() >= 3 else ""
