@@ -42,6 +42,9 @@ def check_same_dtype(name_a, a, name_b, b):
 
 
 def check_same_device(**tensors):
+    devices = {t.device for t in tensors.values() if t is not None}
+    if len(devices) <= 1:
+        return
     items = [(n, t) for n, t in tensors.items() if t is not None]
     name0, t0 = items[0]
     for name, t in items[1:]:
@@ -66,7 +69,19 @@ def alpha_tensor(alpha, device) -> torch.Tensor:
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
         raise TypeError(f"alpha must be a float or a 0-dim tensor, got {type(alpha).__name__}")
     check_alpha_value(float(alpha))
-    return torch.tensor(float(alpha), dtype=torch.float64)
+    if torch.compiler.is_compiling():
+        return torch.tensor(float(alpha), dtype=torch.float64)
+    # one tensor per value, made once: building it costs more than a small loss kernel (the ops never
+    # write to it, and the autograd node saves its own copy)
+    a = _ALPHA_TENSORS.get(float(alpha))
+    if a is None:
+        if len(_ALPHA_TENSORS) >= 4096:  # a schedule of floats: keep the cache bounded
+            _ALPHA_TENSORS.clear()
+        a = _ALPHA_TENSORS[float(alpha)] = torch.tensor(float(alpha), dtype=torch.float64)
+    return a
+
+
+_ALPHA_TENSORS: dict[float, torch.Tensor] = {}
 
 
 def check_alpha_value(a: float):
@@ -99,6 +114,12 @@ def ce_side(side, logits, labels, class_dim):
     class_dim=1 reads the logits as F.cross_entropy does: (C,), (N, C) or (N, C, d1, ...) with labels
     (), (N,) or (N, d1, ...). class_dim=-1 reads them class-last: (..., C) with labels (...).
     """
+    # the usual case, settled with a few attribute reads: float logits of an accepted dtype with
+    # int64 labels of the expected shape, (N, C) or class-last (..., C)
+    if (isinstance(logits, torch.Tensor) and isinstance(labels, torch.Tensor) and logits.dtype in _CPU_FLOATS
+            and labels.dtype == torch.int64 and (logits.dim() == 2 or (class_dim == -1 and logits.dim() >= 1))
+            and labels.shape == logits.shape[:-1] and logits.shape[-1] > 0):
+        return logits
     ln, bn = f"{side}_logits", f"{side}_labels"
     check_tensor(ln, logits)
     check_tensor(bn, labels)
@@ -129,6 +150,9 @@ def ce_side(side, logits, labels, class_dim):
 
 
 def check_mse_side(side, pred, target):
+    if (isinstance(pred, torch.Tensor) and isinstance(target, torch.Tensor) and pred.dtype in _CPU_FLOATS
+            and target.dtype == pred.dtype and pred.shape == target.shape):
+        return
     pn, tn = f"{side}_pred", f"{side}_target"
     check_tensor(pn, pred)
     check_tensor(tn, target)

@@ -60,8 +60,12 @@ def alpha_weighted_cross_entropy(source_logits, source_labels, target_logits, ta
 def _combine(terms, reduction_code, dtype):
     # the terms are in float32 or better: a bf16 loss is rounded once, after the addition
     if reduction_code == 0:
-        return terms[0].to(dtype), terms[1].to(dtype)
-    return (terms[0] + terms[1]).to(dtype)
+        return _as(terms[0], dtype), _as(terms[1], dtype)
+    return _as(terms[0] + terms[1], dtype)
+
+
+def _as(t, dtype):
+    return t if t.dtype == dtype else t.to(dtype)  # a no-op .to() still costs a dispatch
 
 
 def alpha_weighted_mse(source_pred, source_target, target_pred, target_target, alpha=0.5, *, reduction="mean"):
