@@ -6,13 +6,15 @@ layers), ``fastadapt.training`` (trainers, callbacks, checkpoints, model surgery
 """
 from fastadapt.ops import (AlphaWeightedLoss, FusedLinearReLU, alpha_weighted_cross_entropy, alpha_weighted_mse,
                            build_info, empty_cache, fuse_linear_relu, has_cuda_ops, has_ops, linear_relu)
-from fastadapt.training import (MLP, AdaptiveTrainer, Callback, EarlyStopping, History, ModelCheckpoint, TransferTrainer,
-                                extend_head, freeze, load_pretrained, replace_head, unfreeze)
+from fastadapt.training import (MLP, AdaptiveConfig, AdaptiveTrainer, Callback, EarlyStopping, History, ModelCheckpoint,
+                                TrainConfig, TransferTrainer, extend_head, freeze, load_pretrained, replace_head,
+                                unfreeze)
 
 __all__ = [
     "AlphaWeightedLoss", "alpha_weighted_cross_entropy", "alpha_weighted_mse",
     "FusedLinearReLU", "linear_relu", "fuse_linear_relu",
-    "MLP", "AdaptiveTrainer", "Callback", "EarlyStopping", "History", "ModelCheckpoint", "TransferTrainer",
+    "MLP", "AdaptiveConfig", "AdaptiveTrainer", "Callback", "EarlyStopping", "History", "ModelCheckpoint",
+    "TrainConfig", "TransferTrainer",
     "extend_head", "freeze", "load_pretrained", "replace_head", "unfreeze",
     "build_info", "empty_cache", "has_cuda_ops", "has_ops",
 ]

@@ -215,3 +215,21 @@ def test_demo_meets_the_quality_targets(tmp_path, capsys):
     assert rows["joint (all source)"]["forgetting"] <= 3
     assert {r["method"] for r in report["transfer"]} == {"frozen", "finetune", "scratch"}
     assert (tmp_path / "demo" / "accuracy.png").read_bytes()[:8] == PNG
+
+
+def test_adapt_default_memory_on_a_small_source_keeps_what_exists(tmp_path, capsys):
+    """90 source samples (67 after the 25% held-out split): the default replay memory of 100, which the
+    user did not choose, keeps all 67 and says so in one line; an explicit larger one is an error that
+    names the 90 samples the user gave, raised before any training."""
+    src, tgt = _npz(tmp_path / "s.npz", (0, 1, 2), 1, n=90), _npz(tmp_path / "t.npz", (3, 4), 2)
+    rc, _, err = _run(["adapt", "--source", src, "--target", tgt, "-o", str(tmp_path / "out")] + FAST, capsys)
+    assert rc == 0, err
+    assert "has 67 training samples (90 samples, 23 of them held out for evaluation): the replay memory keeps " \
+           "all of them (default --memory-size 100)" in err
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["adapt"][0]["memory_size"] == 67
+    rc, _, err = _run(["adapt", "--source", src, "--target", tgt, "-o", str(tmp_path / "big"),
+                       "--memory-size", "80"] + FAST, capsys)
+    assert rc == 2
+    assert "--memory-size 80 is more than the 67 training samples of --source" in err and "(90 samples" in err
+    assert not (tmp_path / "big" / "pretrained.safetensors").exists()

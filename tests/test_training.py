@@ -8,10 +8,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import fastadapt
-from fastadapt import (MLP, Callback, EarlyStopping, ModelCheckpoint, TransferTrainer, extend_head, freeze,
+from fastadapt import (MLP, AdaptiveTrainer, Callback, EarlyStopping, ModelCheckpoint, TransferTrainer, extend_head, freeze,
                        load_pretrained, replace_head, unfreeze)
 from fastadapt.training.checkpoint import save_weights
-from fastadapt.training.trainer import WarmupCosine
 from _training_data import blobs
 
 
@@ -139,16 +138,35 @@ def test_dataloader_dataset_and_pair_give_identical_training():
     assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
 
 
-def test_head_lr_mult_and_cosine_warmup_schedule():
+class _RecordingSGD(torch.optim.SGD):
+    """SGD that records the learning rates each step uses."""
+
+    def __init__(self, groups):
+        super().__init__(groups)
+        self.seen = []
+
+    def step(self, closure=None):
+        self.seen.append([g["lr"] for g in self.param_groups])
+        return super().step(closure)
+
+
+@pytest.mark.parametrize("kind", ["cosine", "constant"])
+def test_head_lr_mult_and_warmup_schedule(kind):
+    """Linear warm-up over 2 steps, then cosine decay to 0 at the last of 8 steps (or constant); the
+    head's group at 10x the rate. torch's schedulers, stepped once per optimizer step."""
     X, y = blobs(64)
-    tr = _trainer(MLP(8, (16,), 3), lr=0.1, head_lr_mult=10.0, scheduler="cosine", warmup_steps=2, batch_size=16)
+    tr = _trainer(MLP(8, (16,), 3), optimizer=_RecordingSGD, lr=0.1, head_lr_mult=10.0, scheduler=kind,
+                  warmup_steps=2, batch_size=16)
     hist = tr.fit((X, y), epochs=2)  # 4 steps per epoch, 8 in all
-    assert [g["lr"] for g in tr.optimizer.param_groups] == pytest.approx([0.0, 0.0], abs=1e-12)
+
+    def factor(s):
+        if s < 2:
+            return (s + 1) / 2
+        return 0.5 * (1 + math.cos(math.pi * (s - 2) / 6)) if kind == "cosine" else 1.0
+
+    assert tr.optimizer.seen == [pytest.approx([0.1 * factor(s), 1.0 * factor(s)]) for s in range(8)]
     assert [g["initial_lr"] for g in tr.optimizer.param_groups] == [0.1, 1.0]
-    f = WarmupCosine(2, 8, cosine=True)
-    assert [f(s) for s in (0, 1, 2, 5, 8)] == pytest.approx([0.5, 1.0, 1.0, 0.5, 0.0])
-    assert hist["lr"][0] == pytest.approx(0.1 * f(4))
-    assert WarmupCosine(3, 10, cosine=False)(7) == 1.0
+    assert hist["lr"][0] == pytest.approx(0.1 * factor(4))
 
 
 def _sgd(groups):
@@ -277,3 +295,117 @@ def test_model_checkpoint_every_n_epochs_and_at_the_end(tmp_path, monkeypatch):
     assert saved == [3, 6, 7]
     with pytest.raises(ValueError, match="every_n_epochs must be a positive int, got 0"):
         ModelCheckpoint(tmp_path, every_n_epochs=0)
+
+
+# ---- issue 11: one loop, batch sources, no per-step sync, fused optimizers, compile ------------------
+
+def test_in_memory_data_is_batched_without_a_dataloader(monkeypatch):
+    """(X, y) pairs and TensorDatasets are gathered batch by batch from a shuffled permutation; a
+    DataLoader over the same data gives the same batches (the same global-RNG draws), hence the same
+    training, while a user's DataLoader is used as it is."""
+    X, y = blobs(96)
+    torch.manual_seed(0)
+    reference = MLP(8, (16,), 3)
+    _trainer(reference).fit(DataLoader(TensorDataset(X, y), batch_size=32, shuffle=True), epochs=2)
+
+    def no_loader(self):
+        raise AssertionError("a DataLoader was iterated for in-memory data")
+
+    monkeypatch.setattr(DataLoader, "__iter__", no_loader)
+    torch.manual_seed(0)
+    net = MLP(8, (16,), 3)
+    _trainer(net).fit((X, y), (X[:20], y[:20]), epochs=2)
+    assert torch.equal(net.head.weight, reference.head.weight)
+
+
+def _count_host_reads(monkeypatch):
+    calls = {"n": 0}
+    for name in ("item", "tolist"):
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _real=real, **k):
+            # 0-dim int64 CPU tensors are the batch sources' RNG seed draws (one per pass over the data,
+            # from the CPU generator: never a device sync); everything else counts
+            if not (self.dtype == torch.int64 and self.dim() == 0 and self.device.type == "cpu"):
+                calls["n"] += 1
+            return _real(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("trainer", ["transfer", "adaptive"])
+def test_no_host_sync_per_step(monkeypatch, trainer):
+    """Metric sums stay on the device during an epoch: the number of host reads (item/tolist) does not
+    grow with the number of steps. (On CUDA, test_no_device_sync_per_step_cuda checks the same with
+    PyTorch's sync debug mode.)"""
+    counts = []
+    for n in (64, 256):  # 2 and 8 steps per epoch
+        X, y = blobs(n, classes=(0, 1, 2))
+        calls = _count_host_reads(monkeypatch)
+        torch.manual_seed(0)
+        if trainer == "transfer":
+            _trainer(MLP(8, (16,), 3), batch_size=32).fit((X, y), epochs=2)
+        else:
+            Xt, yt = blobs(n, classes=(3, 4), seed=2)
+            AdaptiveTrainer(MLP(8, (16,), 5), alpha=lambda s: 0.5, memory_size=30, batch_size=32, seed=0,
+                            progress_bar=False).fit((Xt, yt), (X, y), epochs=2)
+        counts.append(calls["n"])
+        monkeypatch.undo()
+    assert counts[0] == counts[1], counts
+
+
+def test_adam_optimizers_are_fused_and_zero_grad_sets_none():
+    X, y = blobs(64)
+    for name in ("adamw", "adam"):
+        tr = _trainer(MLP(8, (16,), 3), optimizer=name)
+        tr.fit((X, y), epochs=1)
+        assert tr.optimizer.defaults["fused"] is True
+        assert all(p.grad is None for p in tr.model.parameters())
+
+
+def test_compile_step_trains_like_eager():
+    X, y = blobs(128)
+    results = []
+    for compile_step in (False, True):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        tr = _trainer(MLP(8, (16,), 3), compile=compile_step, optimizer=_sgd, lr=0.1)
+        hist = tr.fit((X, y), (X, y), epochs=2)
+        results.append((hist["loss"], hist["val_acc"], tr.model.head.weight.detach().clone()))
+    assert results[1][0] == pytest.approx(results[0][0], rel=1e-5)
+    assert results[1][1] == results[0][1]
+    torch.testing.assert_close(results[1][2], results[0][2], rtol=1e-5, atol=1e-6)
+
+
+def test_options_in_one_config_object():
+    cfg = fastadapt.TrainConfig(lr=0.05, batch_size=16, seed=1, progress_bar=False)
+    tr = TransferTrainer(MLP(8, (16,), 3), cfg)
+    assert tr.config is cfg and tr.config.lr == 0.05
+    with pytest.raises(TypeError, match=r"pass either config or keyword options, not both \(got \['lr'\]\)"):
+        TransferTrainer(MLP(8, (16,), 3), cfg, lr=0.1)
+    with pytest.raises(TypeError, match="config must be a AdaptiveConfig, got TrainConfig"):
+        AdaptiveTrainer(MLP(8, (16,), 3), cfg)
+    with pytest.raises(ValueError, match="batch_size must be a positive int, got 0"):
+        fastadapt.TrainConfig(batch_size=0)
+
+
+@pytest.mark.cuda
+def test_no_device_sync_per_step_cuda():
+    X, y = blobs(256)
+    tr = TransferTrainer(MLP(8, (16,), 3), device="cuda", batch_size=32, seed=0, progress_bar=False)
+    tr.fit((X, y), epochs=1)  # warm-up: first-call syncs (allocator, cuBLAS handles) are not per step
+    seen = []
+    real = tr._optimizer_step
+
+    def step_with_check():
+        torch.cuda.set_sync_debug_mode("error")  # any sync inside a training step raises
+        try:
+            real()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        seen.append(1)
+
+    tr._optimizer_step = step_with_check
+    tr.fit((X, y), epochs=2)
+    assert len(seen) == 8

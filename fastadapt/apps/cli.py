@@ -74,13 +74,19 @@ def _cmd_adapt(args) -> int:
     _set_threads(args)
     cfg = _config(args)
     task = workflows.prepare(args.source, args.target, cfg, label_column=args.label_column)
+    memory = workflows.replay_memory_size(args.memory_size, task, args.source)  # checked before any training
     path, pre = workflows.pretrain(task, cfg)
-    memory = args.memory_size or None
     rows = [workflows.adapt(task, path, a, memory, cfg) for a in args.alpha]
     if args.joint:
         rows.append(workflows.adapt(task, path, 0.5, None, cfg, name="joint (all source)"))
     _finish(args, cfg, {"pretrain": pre, "adapt": rows, "classes": _classes(task)}, rows)
     return 0
+
+
+def workflows_default_memory() -> int:
+    from fastadapt.apps.workflows import DEFAULT_MEMORY
+
+    return DEFAULT_MEMORY
 
 
 def _classes(task):
@@ -205,8 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("adapt", help="pretrain on --source, adapt to --target while keeping the source task")
     _common(p, os.path.join("fastadapt_out", "adapt"), 20)
     p.add_argument("--alpha", type=_alphas, default=[0.5], help="one or more, e.g. 1,0.75,0.5 (default 0.5)")
-    p.add_argument("--memory-size", type=_non_negative_int, default=100,
-                   help="replay memory of class-balanced source samples; 0 = all source data (default 100)")
+    p.add_argument("--memory-size", type=_non_negative_int, default=None,
+                   help=f"replay memory of class-balanced source samples; 0 = all source data (default "
+                        f"{workflows_default_memory()}, or every source training sample when there are fewer)")
     p.add_argument("--joint", action="store_true", help="also train jointly on all source data (upper bound)")
     p.set_defaults(fn=_cmd_adapt)
     return parser

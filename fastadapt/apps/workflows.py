@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import json
 import os
+import sys
 
 import numpy as np
 import torch
@@ -17,7 +18,8 @@ from fastadapt.training.callbacks import ModelCheckpoint
 from fastadapt.training.models import MLP
 from fastadapt.training import distributed as dist
 from fastadapt.training.surgery import extend_head, load_pretrained, replace_head
-from fastadapt.training.trainer import TransferTrainer, seed_everything
+from fastadapt.training.loop import seed_everything
+from fastadapt.training.trainer import TransferTrainer
 
 
 @dataclasses.dataclass
@@ -45,6 +47,7 @@ class Task:
     target_test: tuple
     source_classes: list
     target_classes: list
+    source_samples: int  # in the --source the user gave, before the held-out split
 
 
 def prepare(source_spec: str, target_spec: str, cfg: RunConfig, label_column="label") -> Task:
@@ -76,7 +79,32 @@ def prepare(source_spec: str, target_spec: str, cfg: RunConfig, label_column="la
     def tensors(pair):
         return torch.from_numpy(scale(pair[0])), torch.from_numpy(pair[1].astype(np.int64))
 
-    return Task(tensors(s_tr), tensors(s_te), tensors(t_tr), tensors(t_te), s_classes, t_classes)
+    return Task(tensors(s_tr), tensors(s_te), tensors(t_tr), tensors(t_te), s_classes, t_classes, len(ys))
+
+
+# The replay memory `fastadapt adapt` keeps when --memory-size is not given.
+DEFAULT_MEMORY = 100
+
+
+def replay_memory_size(requested: int | None, task: Task, source_spec: str) -> int | None:
+    """The replay memory for ``--memory-size``: 0 keeps all the source data (None); without the flag,
+    DEFAULT_MEMORY samples, or every source training sample when there are fewer (said in one line);
+    an explicit size larger than the training samples is an error naming what the user gave."""
+    available, given = len(task.source_train[1]), task.source_samples
+    held_out = f"{given} samples, {given - available} of them held out for evaluation"
+    if requested == 0:
+        return None
+    if requested is None:
+        if available >= DEFAULT_MEMORY:
+            return DEFAULT_MEMORY
+        if dist.is_main():
+            print(f"fastadapt adapt: --source {source_spec!r} has {available} training samples ({held_out}): "
+                  f"the replay memory keeps all of them (default --memory-size {DEFAULT_MEMORY})", file=sys.stderr)
+        return available
+    if requested > available:
+        raise ValueError(f"--memory-size {requested} is more than the {available} training samples of --source "
+                         f"{source_spec!r} ({held_out}); pass at most {available}, or 0 for all of them")
+    return requested
 
 
 def _trainer_kwargs(cfg: RunConfig, run_dir: str):

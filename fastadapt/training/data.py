@@ -72,25 +72,6 @@ def check_labels(y: torch.Tensor | None, num_classes: int, name: str):
                          f"({num_classes} classes); resize the head with replace_head or extend_head")
 
 
-def train_loader(ds: Dataset, template, batch_size: int, seed: int) -> DataLoader:
-    """The loader a trainer iterates: the user's own DataLoader when given, resharded under DDP.
-
-    Shuffling draws from the global torch RNG (the trainer checkpoints it), so a resumed run replays
-    the same batch order as an uninterrupted one.
-    """
-    bs = template.batch_size if isinstance(template, DataLoader) and template.batch_size else batch_size
-    if dist.world_size() > 1:
-        from torch.utils.data.distributed import DistributedSampler
-
-        sampler = DistributedSampler(ds, num_replicas=dist.world_size(), rank=dist.rank(), shuffle=True,
-                                     seed=seed)
-        collate = template.collate_fn if isinstance(template, DataLoader) else None
-        return DataLoader(ds, batch_size=bs, sampler=sampler, collate_fn=collate)
-    if isinstance(template, DataLoader):
-        return template
-    return DataLoader(ds, batch_size=bs, shuffle=True)
-
-
 def eval_loader(ds: Dataset, template, batch_size: int) -> DataLoader:
     """Sequential loader; under DDP each rank takes every world_size-th sample (no padding, so
     the summed metrics count every sample exactly once)."""

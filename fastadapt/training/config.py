@@ -1,0 +1,115 @@
+"""The options of a trainer, in one validated object (the messages are rows of docs/ERRORS.md)."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable
+
+import torch
+
+from fastadapt.training import distributed as dist
+
+OPTIMIZERS = ("adamw", "adam", "sgd")
+PRECISIONS = ("32", "bf16")
+SCHEDULERS = (None, "constant", "cosine")
+
+
+def positive_int(name, v):
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{name} must be a positive int, got {v!r}")
+
+
+def _positive_number(name, v):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or not math.isfinite(v):
+        raise ValueError(f"{name} must be a positive finite number, got {v!r}")
+
+
+def check_alpha(value, where=""):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"alpha must lie in [0, 1], got {value!r}{where}")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """``optimizer``: "adamw", "adam", "sgd" (PyTorch's fused implementations where the device has
+    them) or a callable mapping parameter groups to an optimizer. ``scheduler``: None or "constant"
+    (after ``warmup_steps`` of linear warm-up) or "cosine" (decay to 0 at the last step); steps are
+    optimizer steps. ``precision="bf16"``: forward passes under bf16 autocast. ``seed`` seeds Python,
+    NumPy and torch when ``fit`` starts (not on resume). ``compile=True`` runs each training step's
+    forward and loss under ``torch.compile``."""
+
+    lr: float = 1e-3
+    optimizer: str | Callable = "adamw"
+    weight_decay: float = 0.0
+    freeze_backbone: bool = False
+    head_lr_mult: float = 1.0
+    scheduler: str | None = None
+    warmup_steps: int = 0
+    grad_accum_steps: int = 1
+    max_grad_norm: float | None = None
+    precision: str = "32"
+    device: str | torch.device | None = None
+    seed: int | None = None
+    progress_bar: bool | None = None
+    batch_size: int = 32
+    compile: bool = False
+
+    def __post_init__(self):
+        _positive_number("lr", self.lr)
+        _positive_number("head_lr_mult", self.head_lr_mult)
+        wd = self.weight_decay
+        if isinstance(wd, bool) or not isinstance(wd, (int, float)) or not wd >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {wd!r}")
+        if not (callable(self.optimizer) or self.optimizer in OPTIMIZERS):
+            raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)} or a callable, got {self.optimizer!r}")
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler must be None, 'constant' or 'cosine', got {self.scheduler!r}")
+        w = self.warmup_steps
+        if isinstance(w, bool) or not isinstance(w, int) or w < 0:
+            raise ValueError(f"warmup_steps must be a non-negative int, got {w!r}")
+        positive_int("grad_accum_steps", self.grad_accum_steps)
+        positive_int("batch_size", self.batch_size)
+        m = self.max_grad_norm
+        if m is not None and (isinstance(m, bool) or not m > 0):
+            raise ValueError(f"max_grad_norm must be None or > 0, got {m!r}")
+        self.precision = str(self.precision)
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise ValueError(f"seed must be an int or None, got {self.seed!r}")
+        self.device = resolve_device(self.device)
+        for name in ("freeze_backbone", "compile"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
+
+
+@dataclasses.dataclass
+class AdaptiveConfig(TrainConfig):
+    """``alpha``: the target weight in [0, 1], or ``callable(step) -> float`` evaluated at every
+    optimizer step (alpha=1 is naive fine-tuning). ``memory_size``: a replay memory of that many
+    class-balanced source samples instead of the whole source stream (None)."""
+
+    alpha: float | Callable = 0.5
+    memory_size: int | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        if callable(self.alpha):
+            check_alpha(self.alpha(0), " (alpha(0) of the alpha schedule)")
+        else:
+            check_alpha(self.alpha)
+        m = self.memory_size
+        if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
+            raise ValueError(f"memory_size must be None or a positive int, got {m!r}")
+
+
+def resolve_device(device) -> torch.device:
+    if device is None:
+        return dist.default_device()
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda:0', got {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} but CUDA is not available")
+    return dev

@@ -1,0 +1,438 @@
+"""The training loop every trainer shares: one ``fit`` that iterates a batch source and calls the
+trainer's ``step`` on each batch; Keras-style ``evaluate`` and ``predict``; checkpoints with exact
+resume.
+
+A trainer supplies ``prepare(*data) -> (batches, validation sets)``, ``step(batch) -> (loss, {metric:
+sum})`` and ``epoch_logs(sums) -> logs``; the hooks ``on_fit_start``/``on_fit_end`` let it add summary
+fields to the History, ``on_step_start`` per-step state. Metric sums stay on the device during an epoch and are read once at its end,
+so a step never waits for the host; the optimizers are PyTorch's fused implementations where the
+device has them.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import sys
+import time
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from fastadapt.training import checkpoint as ckpt
+from fastadapt.training import distributed as dist
+from fastadapt.training.batches import LoaderBatches, TensorBatches
+from fastadapt.training.callbacks import Callback
+from fastadapt.training.config import TrainConfig, positive_int
+from fastadapt.training.data import as_dataset, check_labels, eval_loader, feature_shape, labels_of
+from fastadapt.training.history import History
+from fastadapt.training.surgery import freeze, get_head, input_features, load_state, unfreeze
+
+# Rows per forward pass when evaluating in-memory data: large enough that the per-call cost vanishes.
+EVAL_ROWS = 4096
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """Every RNG the loop touches, as tensors and plain values (loadable with weights_only=True)."""
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    version, pystate, gauss_next = random.getstate()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached": float(cached)},
+             "python": {"version": version, "state": torch.tensor(pystate, dtype=torch.int64),
+                        "gauss_next": gauss_next}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict):
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(int(v) for v in p["state"]), p["gauss_next"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class MetricSums:
+    """Named sums over an epoch: tensors accumulate in place on the device, Python numbers (batch
+    sizes) on the host; ``read`` syncs once."""
+
+    def __init__(self):
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.numbers: dict[str, float] = {}
+
+    def add(self, values: dict):
+        for name, v in values.items():
+            if isinstance(v, torch.Tensor):
+                acc = self.tensors.get(name)
+                if acc is None:
+                    self.tensors[name] = v.detach().to(torch.float64, copy=True)
+                else:
+                    acc.add_(v.detach())
+            else:
+                self.numbers[name] = self.numbers.get(name, 0.0) + v
+
+    def read(self, device) -> dict:
+        """Every sum as a float, summed over the ranks under DDP."""
+        names = list(self.tensors) + list(self.numbers)
+        values = list(self.tensors.values()) + [torch.tensor(float(v), dtype=torch.float64, device=device)
+                                                for v in self.numbers.values()]
+        if not values:
+            return {}
+        return dict(zip(names, dist.all_reduce_sum(torch.stack([v.to(device) for v in values])).tolist()))
+
+
+def _logits_f32(logits):
+    return logits if logits.dtype == torch.float32 else logits.float()
+
+
+class Trainer:
+    """The loop shared by the trainers (see the module docstring): ``model`` trained with the options
+    of ``config`` (a :class:`TrainConfig`) or of keyword arguments that build one."""
+
+    Config = TrainConfig
+
+    def __init__(self, model: nn.Module, config: TrainConfig | None = None, *, callbacks=(), **options):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if config is not None and options:
+            raise TypeError(f"pass either config or keyword options, not both (got {sorted(options)})")
+        self.config = self.Config(**options) if config is None else config
+        if not isinstance(self.config, self.Config):
+            raise TypeError(f"config must be a {self.Config.__name__}, got {type(self.config).__name__}")
+        self.callbacks = list(callbacks or ())
+        for cb in self.callbacks:
+            if not isinstance(cb, Callback):
+                raise TypeError(f"callbacks must be fastadapt Callback instances, got {type(cb).__name__}")
+        self.device = self.config.device
+        self.model = model.to(self.device)
+        if self.config.freeze_backbone:
+            freeze(self.model)
+            unfreeze(self.model, [get_head(self.model)[1]])
+        self.optimizer = self.scheduler = None
+        self.history = History()
+        self.epoch = self.global_step = 0
+        self.stop_training = False
+        self.check_batch_labels = False  # per-batch label checks, for datasets whose labels cannot be read up front
+        self._net = self.model  # the DDP wrapper under torchrun
+        self._forward = self.step  # torch.compile of it with config.compile
+        self._val_sets: dict = {}
+        self._pending_state = None
+        self._epoch_rng = None
+
+    # ---- what a trainer supplies -------------------------------------------------------------------
+
+    def prepare(self, *data):
+        """(training batch source, {log-name prefix: validation data}) for ``fit``'s arguments."""
+        raise NotImplementedError
+
+    def step(self, batch) -> tuple[torch.Tensor, dict]:
+        """(loss, {metric name: sum over the batch}) for one batch."""
+        raise NotImplementedError
+
+    def epoch_logs(self, sums: dict) -> dict:
+        raise NotImplementedError
+
+    def on_fit_start(self, resuming: bool):
+        """After the optimizer and the History are set up (restored, when resuming), before the first epoch."""
+
+    def on_fit_end(self):
+        """After the last epoch and the callbacks' on_fit_end."""
+
+    def on_step_start(self):
+        """Before each batch's forward (outside a compiled step): per-step state such as a scheduled weight."""
+
+    # ---- public API --------------------------------------------------------------------------------
+
+    @property
+    def unwrapped_model(self) -> nn.Module:
+        return self.model
+
+    def fit(self, *data, epochs, resume_from=None) -> History:
+        """Trains until ``epochs`` epochs in total have run (counting those of a resumed checkpoint).
+        ``data`` is what the trainer's ``prepare`` takes."""
+        positive_int("epochs", epochs)
+        self._setup_distributed()  # before prepare: batch sources shard by rank
+        batches, self._val_sets = self.prepare(*data)
+        resuming = resume_from is not None or self._pending_state is not None
+        self._begin(len(batches), epochs, resume_from)
+        self.on_fit_start(resuming)
+        show = self._show_progress()
+        from tqdm.auto import tqdm
+
+        start = time.perf_counter()
+        for cb in self.callbacks:
+            cb.on_fit_start(self)
+        bar = tqdm(total=epochs, initial=self.epoch, desc="epochs", unit="epoch", disable=not show, file=sys.stderr)
+        while self.epoch < epochs and not self.stop_training:
+            epoch = self.epoch
+            logs = self._train_epoch(batches, epoch, show)
+            logs.update(self._validate())
+            logs["lr"] = self.optimizer.param_groups[0]["lr"]
+            self.history.append(epoch, logs)
+            self.epoch = epoch + 1
+            # Checkpoints carry the RNG as it was here, at the epoch boundary: anything drawn later
+            # (a final evaluation, say) must not leak into a resume.
+            self._epoch_rng = rng_state()
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if "acc" in k or k == "loss"})
+            for cb in self.callbacks:
+                cb.on_epoch_end(self, epoch, logs)
+        bar.close()
+        for cb in self.callbacks:
+            cb.on_fit_end(self)
+        self.history.seconds += time.perf_counter() - start
+        self.on_fit_end()
+        return self.history
+
+    @torch.no_grad()
+    def evaluate(self, data) -> dict:
+        """{"loss": mean cross-entropy, "acc": accuracy} over ``data`` (summed across ranks under DDP)."""
+        ds = as_dataset(data, "data")
+        self._check_features(ds, "data")
+        labels = labels_of(ds)
+        num_classes = get_head(self.model)[1].out_features
+        check_labels(labels, num_classes, "data")
+        was_training = self.model.training
+        self.model.eval()
+        sums = MetricSums()
+        for x, y in self._eval_batches(data, ds):
+            if labels is None:
+                check_labels(y, num_classes, "data")
+            with self._autocast():
+                logits = self.model(x)
+            sums.add({"loss": F.cross_entropy(_logits_f32(logits), y, reduction="sum"),
+                      "correct": (logits.argmax(-1) == y).sum(), "count": len(y)})
+        self.model.train(was_training)
+        s = sums.read(self.device)
+        return {"loss": s["loss"] / s["count"], "acc": s["correct"] / s["count"]}
+
+    @torch.no_grad()
+    def predict(self, data) -> torch.Tensor:
+        """Logits for every sample of ``data`` (a tensor of inputs, an (X, y) pair, a Dataset or a
+        DataLoader), in order, on the CPU. Not sharded under DDP: each rank predicts everything."""
+        if isinstance(data, torch.Tensor):
+            data = TensorDataset(data)
+        ds = data.dataset if isinstance(data, DataLoader) else as_dataset(data, "data")
+        loader = data if isinstance(data, DataLoader) else DataLoader(ds, batch_size=EVAL_ROWS)
+        was_training = self.model.training
+        self.model.eval()
+        outs = []
+        for batch in loader:
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            with self._autocast():
+                outs.append(self.model(x.to(self.device)).float().cpu())
+        self.model.train(was_training)
+        return torch.cat(outs)
+
+    def save_checkpoint(self, path) -> None:
+        """Weights (safetensors) and trainer state (weights_only-loadable) into folder ``path``,
+        atomically; only rank 0 writes."""
+        if dist.is_main():
+            ckpt.save_checkpoint(path, self.model, self._trainer_state())
+        dist.barrier()
+
+    def load_checkpoint(self, path) -> None:
+        """Loads the weights now; optimizer, schedule, epoch, history and RNG states are restored by
+        the next ``fit`` (or now, when the optimizer already exists)."""
+        weights, state = ckpt.load_checkpoint(path)
+        load_state(self.model, weights, source=str(path))
+        self._pending_state = state
+        if self.optimizer is not None:
+            self._restore(state)
+
+    # ---- the loop's pieces -------------------------------------------------------------------------
+
+    def _train_epoch(self, batches, epoch, show) -> dict:
+        self._net.train()
+        sums = MetricSums()
+        n, accum = len(batches), self.config.grad_accum_steps
+        items = batches.epoch(epoch)
+        if show:
+            from tqdm.auto import tqdm
+
+            items = tqdm(items, total=n, desc=f"epoch {epoch + 1}", leave=False, file=sys.stderr)
+        for i, batch in enumerate(items):
+            stepping = (i + 1) % accum == 0 or i + 1 == n
+            sync = contextlib.nullcontext() if stepping or self._net is self.model else self._net.no_sync()
+            self.on_step_start()
+            with sync:
+                with self._autocast():
+                    loss, metrics = self._forward(batch)
+                (loss if accum == 1 else loss / accum).backward()
+            sums.add(metrics)
+            if stepping:
+                self._optimizer_step()
+        return self.epoch_logs(sums.read(self.device))
+
+    def _optimizer_step(self):
+        if self.config.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
+                                           self.config.max_grad_norm)
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.global_step += 1
+
+    def _validate(self) -> dict:
+        return {f"val_{prefix}{k}": v for prefix, data in self._val_sets.items() for k, v in self.evaluate(data).items()}
+
+    def _eval_batches(self, data, ds):
+        if isinstance(data, DataLoader) or not (isinstance(ds, TensorDataset) and len(ds.tensors) == 2):
+            loader = eval_loader(ds, data, self.config.batch_size)
+            return LoaderBatches(loader, self.device).epoch(0)
+        X, y = ds.tensors
+        rows = range(dist.rank(), len(y), dist.world_size())  # each rank its share, no padding
+        idx = torch.as_tensor(rows) if dist.world_size() > 1 else None
+        X, y = (X, y) if idx is None else (X[idx], y[idx])
+        return ((X[i:i + EVAL_ROWS].to(self.device), y[i:i + EVAL_ROWS].to(self.device).long())
+                for i in range(0, len(y), EVAL_ROWS))
+
+    def batches_for(self, data, ds, batch_size=None):
+        """The batch source of a training set: in memory when it is tensors, else its DataLoader."""
+        bs = batch_size or self.config.batch_size
+        seed = self.config.seed or 0
+        if isinstance(data, DataLoader):
+            return LoaderBatches(_sharded(data, seed), self.device)
+        if isinstance(ds, TensorDataset) and len(ds.tensors) == 2:
+            return TensorBatches(ds.tensors[0], ds.tensors[1].long(), bs, self.device, seed)
+        return LoaderBatches(_sharded(DataLoader(ds, batch_size=bs, shuffle=True), seed), self.device)
+
+    def _begin(self, batches_per_epoch, epochs, resume_from):
+        """Fresh optimizer, schedule and History, then the checkpoint's state on top when resuming."""
+        if resume_from is not None:
+            weights, state = ckpt.load_checkpoint(resume_from)
+            load_state(self.model, weights, source=str(resume_from))
+            self._pending_state = state
+        if self._pending_state is None and self.config.seed is not None:
+            seed_everything(self.config.seed)
+        self.optimizer = self._build_optimizer()
+        self.scheduler = self._build_scheduler(math.ceil(batches_per_epoch / self.config.grad_accum_steps) * epochs)
+        self.history, self.epoch, self.global_step, self.stop_training = History(), 0, 0, False
+        self._epoch_rng = None
+        if self.config.compile and self._forward == self.step:
+            self._forward = torch.compile(self.step)
+        if self._pending_state is not None:
+            self._restore(self._pending_state)
+
+    def _build_optimizer(self):
+        head = get_head(self.model)[1]
+        head_ids = {id(p) for p in head.parameters()}
+        body = [p for p in self.model.parameters() if p.requires_grad and id(p) not in head_ids]
+        top = [p for p in head.parameters() if p.requires_grad]
+        if not body and not top:
+            raise ValueError("model has no trainable parameters (everything is frozen); unfreeze some")
+        lr = self.config.lr
+        if self.config.head_lr_mult == 1.0:  # one group: the optimizer's per-group work once per step
+            groups = [{"params": body + top, "lr": lr}]
+        else:
+            groups = [g for g in ({"params": body, "lr": lr}, {"params": top, "lr": lr * self.config.head_lr_mult})
+                      if g["params"]]
+        spec, wd = self.config.optimizer, self.config.weight_decay
+        if callable(spec):
+            return spec(groups)
+        if spec == "sgd":
+            return torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=wd, foreach=True)
+        # one fused kernel over all parameters instead of a loop of small ops per tensor
+        cls = torch.optim.AdamW if spec == "adamw" else torch.optim.Adam
+        return cls(groups, lr=lr, weight_decay=wd, fused=True)
+
+    def _build_scheduler(self, total_steps):
+        """Linear warm-up over warmup_steps, then constant or cosine decay to 0 at the last step:
+        torch's own schedulers, stepped once per optimizer step (None when the rate is constant)."""
+        warmup, kind, opt = self.config.warmup_steps, self.config.scheduler, self.optimizer
+        S = torch.optim.lr_scheduler
+        main = S.CosineAnnealingLR(opt, T_max=max(1, total_steps - warmup)) if kind == "cosine" else None
+        if warmup == 0:
+            return main
+        warm = S.LinearLR(opt, start_factor=1.0 / warmup, end_factor=1.0, total_iters=warmup - 1)
+        return S.SequentialLR(opt, [warm, main or S.ConstantLR(opt, factor=1.0, total_iters=0)], milestones=[warmup])
+
+    def _trainer_state(self) -> dict:
+        if self.optimizer is None:
+            raise RuntimeError("save_checkpoint needs a trainer that has started fit (no optimizer yet)")
+        return {"epoch": self.epoch, "global_step": self.global_step, "optimizer": self.optimizer.state_dict(),
+                "rng": self._epoch_rng if self._epoch_rng is not None else rng_state(),
+                "history": self.history.to_dict(), "callbacks": [cb.state_dict() for cb in self.callbacks]}
+
+    def _restore(self, state):
+        # The schedule is a function of the step: replayed (it spans this fit's epochs) before the
+        # optimizer's saved state, learning rates included, is loaded on top.
+        self.global_step = int(state["global_step"])
+        if self.scheduler is not None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "lr_scheduler.step() before optimizer.step()"
+                for _ in range(self.global_step):
+                    self.scheduler.step()
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.epoch = int(state["epoch"])
+        self.history = History()
+        self.history.load_dict(state["history"])
+        if len(state["callbacks"]) == len(self.callbacks):
+            for cb, s in zip(self.callbacks, state["callbacks"]):
+                cb.load_state_dict(s)
+        set_rng_state(state["rng"])
+        self._pending_state = None
+
+    def _autocast(self):
+        if self.config.precision != "bf16":
+            return contextlib.nullcontext()  # a disabled torch.autocast still costs its enter and exit
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def _show_progress(self) -> bool:
+        if not dist.is_main():
+            return False
+        if self.config.progress_bar is not None:
+            return bool(self.config.progress_bar)
+        return sys.stderr.isatty()
+
+    def _check_features(self, ds, name):
+        expected = input_features(self.model)
+        shape = feature_shape(ds)
+        got = int(np.prod(shape)) if shape else 1
+        if expected is not None and got != expected:
+            raise ValueError(f"{name} has {got} features per sample (shape {shape}) but the model's first "
+                             f"layer expects {expected}")
+        return got
+
+    def _checked_dataset(self, data, name, num_classes):
+        """``data`` as a Dataset whose features fit the model and whose labels fit its head; labels that
+        cannot be read up front are checked per batch (a host sync each step)."""
+        ds = as_dataset(data, name)
+        self._check_features(ds, name)
+        labels = labels_of(ds)
+        check_labels(labels, num_classes, name)
+        self.check_batch_labels |= labels is None
+        return ds
+
+    def _setup_distributed(self):
+        if dist.init_from_env(self.device) and self._net is self.model:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self._net = DDP(self.model, device_ids=ids)
+
+
+def _sharded(loader: DataLoader, seed: int) -> DataLoader:
+    """Under DDP, a user's loader resharded with a DistributedSampler (its batch size and collate kept)."""
+    if dist.world_size() <= 1:
+        return loader
+    from torch.utils.data.distributed import DistributedSampler
+
+    sampler = DistributedSampler(loader.dataset, num_replicas=dist.world_size(), rank=dist.rank(), shuffle=True,
+                                 seed=seed)
+    return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler, collate_fn=loader.collate_fn)
