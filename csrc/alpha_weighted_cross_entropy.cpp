@@ -1,9 +1,8 @@
-// Schemas of the alpha-weighted cross-entropy ops (conventions: two_sided.h; reduction 0 = none,
-// 1 = mean, 2 = sum; alpha a 0-dim floating tensor on the CPU or on the logits' device, so that a
-// schedule can change it without a recompile under torch.compile), and their C++ entry points.
+// Schemas of the alpha-weighted cross-entropy ops; their C++ entry points are in the header.
+// Conventions (two_sided.h): reduction 0 = none, 1 = mean, 2 = sum; alpha a 0-dim floating tensor on
+// the CPU or on the logits' device, so that a schedule can change it without a recompile under
+// torch.compile.
 #include "alpha_weighted_cross_entropy.h"
-
-#include "register.h"
 
 TORCH_LIBRARY_FRAGMENT(fastadapt, m) {
   m.def(
@@ -25,40 +24,3 @@ TORCH_LIBRARY_FRAGMENT(fastadapt, m) {
       "Tensor[] saved, int ignore_index, float label_smoothing, int reduction, bool[2] output_mask) "
       "-> (Tensor source_grad, Tensor target_grad)");
 }
-
-namespace fastadapt::ops {
-
-std::tuple<at::Tensor, at::Tensor> alpha_weighted_cross_entropy(const at::Tensor& source_logits,
-                                                                const at::Tensor& source_labels,
-                                                                const at::Tensor& target_logits,
-                                                                const at::Tensor& target_labels, const at::Tensor& alpha,
-                                                                int64_t ignore_index, double label_smoothing,
-                                                                int64_t reduction) {
-  static auto op = FASTADAPT_OP_HANDLE(alpha_weighted_cross_entropy);
-  return op.call(source_logits, source_labels, target_logits, target_labels, alpha, ignore_index, label_smoothing,
-                 reduction);
-}
-
-LossForward _alpha_weighted_cross_entropy_forward(const at::Tensor& source_logits, const at::Tensor& source_labels,
-                                                  const at::Tensor& target_logits, const at::Tensor& target_labels,
-                                                  const at::Tensor& alpha, int64_t ignore_index,
-                                                  double label_smoothing, int64_t reduction,
-                                                  std::array<bool, 2> write_grad) {
-  static auto op = FASTADAPT_OP_HANDLE(_alpha_weighted_cross_entropy_forward);
-  return op.call(source_logits, source_labels, target_logits, target_labels, alpha, ignore_index, label_smoothing,
-                 reduction, write_grad);
-}
-
-SideGrads _alpha_weighted_cross_entropy_backward(const std::optional<at::Tensor>& source_grad_output,
-                                                 const std::optional<at::Tensor>& target_grad_output,
-                                                 const at::Tensor& source_logits, const at::Tensor& source_labels,
-                                                 const at::Tensor& target_logits, const at::Tensor& target_labels,
-                                                 const at::Tensor& alpha, at::TensorList saved, int64_t ignore_index,
-                                                 double label_smoothing, int64_t reduction,
-                                                 std::array<bool, 2> output_mask) {
-  static auto op = FASTADAPT_OP_HANDLE(_alpha_weighted_cross_entropy_backward);
-  return op.call(source_grad_output, target_grad_output, source_logits, source_labels, target_logits, target_labels,
-                 alpha, saved, ignore_index, label_smoothing, reduction, output_mask);
-}
-
-}  // namespace fastadapt::ops

@@ -1,7 +1,5 @@
-// Schemas of the fused Linear + ReLU ops and their C++ entry points.
+// Schemas of the fused Linear + ReLU ops (their C++ entry points are in the header).
 #include "linear_relu.h"
-
-#include "register.h"
 
 TORCH_LIBRARY_FRAGMENT(fastadapt, m) {
   m.def("linear_relu(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
@@ -11,19 +9,3 @@ TORCH_LIBRARY_FRAGMENT(fastadapt, m) {
       "_linear_relu_backward(Tensor grad_output, Tensor x, Tensor weight, Tensor output, bool[3] output_mask) "
       "-> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");
 }
-
-namespace fastadapt::ops {
-
-at::Tensor linear_relu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
-  static auto op = FASTADAPT_OP_HANDLE(linear_relu);
-  return op.call(x, weight, bias);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> _linear_relu_backward(const at::Tensor& grad_output, const at::Tensor& x,
-                                                                     const at::Tensor& weight, const at::Tensor& output,
-                                                                     std::array<bool, 3> output_mask) {
-  static auto op = FASTADAPT_OP_HANDLE(_linear_relu_backward);
-  return op.call(grad_output, x, weight, output, output_mask);
-}
-
-}  // namespace fastadapt::ops

@@ -26,7 +26,7 @@ from collections import OrderedDict, defaultdict
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchjson import COMPILE, EAGER, fmt_bytes, fmt_time, load, siblings, throughput  # noqa: E402
 
-IMPL_ORDER = ["fastadapt", "eager", "compile", "liger"]
+IMPL_ORDER = ["fastadapt", "eager", "compile", "liger", "fastadapt_compile", "eager_slicing"]
 MODE_NAMES = {"fwd": "forward (torch.no_grad)", "fwd_bwd": "forward + backward", "epoch": "one epoch",
               "step": "one training step"}
 HIDE_PARAMS = ("impl", "mode", "device")

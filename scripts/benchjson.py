@@ -13,7 +13,7 @@ import math
 import re
 
 IMPLS = ("fastadapt", "eager", "compile", "compiled", "torch", "reference", "fallback", "liger", "apex",
-         "triton", "ours", "baseline")
+         "triton", "ours", "baseline", "eager_slicing", "fastadapt_compile")
 EAGER = ("eager", "torch", "baseline")
 COMPILE = ("compile", "compiled")
 

@@ -9,7 +9,7 @@ from fastadapt.ops.losses import alpha_weighted_cross_entropy
 from fastadapt.training.batches import PairedBatches
 from fastadapt.training.config import AdaptiveConfig, check_alpha
 from fastadapt.training.data import as_dataset, check_labels, feature_shape, tensors_of
-from fastadapt.training.loop import Trainer, _logits_f32
+from fastadapt.training.loop import Trainer, ValSet, _logits_f32
 from fastadapt.training.surgery import get_head
 
 
@@ -64,19 +64,18 @@ class AdaptiveTrainer(Trainer):
         return float(a)
 
     def prepare(self, target_data, source_data, val_data=None):
-        num_classes = get_head(self.model)[1].out_features
-        target = self._checked_dataset(target_data, "target_data", num_classes)
-        if feature_shape(target) != feature_shape(as_dataset(source_data, "source_data")):
-            raise ValueError(f"source_data has samples of shape {feature_shape(as_dataset(source_data, 'source_data'))} "
-                             f"but target_data has {feature_shape(target)}")
-        source = self._checked_dataset(source_data, "source_data", num_classes)
+        target = self._training_set(target_data, "target_data")
+        source_shape = feature_shape(as_dataset(source_data, "source_data"))
+        if feature_shape(target) != source_shape:
+            raise ValueError(f"source_data has samples of shape {source_shape} but target_data has {feature_shape(target)}")
+        source = self._training_set(source_data, "source_data")
         if val_data is None:
             val_data = {"source": source_data, "target": target_data}
         if not isinstance(val_data, dict) or set(val_data) != {"source", "target"}:
             got = sorted(val_data) if isinstance(val_data, dict) else type(val_data).__name__
             raise ValueError(f"val_data must be a dict with keys 'source' and 'target', got {got}")
-        for side in ("source", "target"):
-            self._checked_dataset(val_data[side], f"val_data[{side!r}]", num_classes)
+        val = {f"{side}_": ValSet(val_data[side], self._checked_dataset(val_data[side], f"val_data[{side!r}]"))
+               for side in ("source", "target")}
         replay, replay_data = source, source_data
         if self.config.memory_size is not None:
             if self.config.memory_size > len(source):
@@ -88,7 +87,7 @@ class AdaptiveTrainer(Trainer):
         targets = self.batches_for(target_data, target)
         sources = self.batches_for(replay_data, replay, batch_size=min(targets.batch_size or self.config.batch_size,
                                                                        len(replay)))
-        return PairedBatches(targets, sources), {"source_": val_data["source"], "target_": val_data["target"]}
+        return PairedBatches(targets, sources), val
 
     def step(self, batch):
         x, y, ns = batch  # the source rows first (PairedBatches)
@@ -122,8 +121,8 @@ class AdaptiveTrainer(Trainer):
         if not callable(self.config.alpha):
             self._set_alpha(float(self.config.alpha))
         if not resuming:
-            self.history.source_acc_before = self.evaluate(self._val_sets["source_"])["acc"]
+            self.history.source_acc_before = self._evaluate(self._val_sets["source_"])["acc"]
 
     def on_fit_end(self):
-        self.history.source_acc_after = self.evaluate(self._val_sets["source_"])["acc"]
-        self.history.target_acc = self.evaluate(self._val_sets["target_"])["acc"]
+        self.history.source_acc_after = self._evaluate(self._val_sets["source_"])["acc"]
+        self.history.target_acc = self._evaluate(self._val_sets["target_"])["acc"]

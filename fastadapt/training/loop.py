@@ -11,6 +11,7 @@ device has them.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import random
 import sys
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from fastadapt.training import checkpoint as ckpt
 from fastadapt.training import distributed as dist
@@ -95,6 +96,13 @@ class MetricSums:
         return dict(zip(names, dist.all_reduce_sum(torch.stack([v.to(device) for v in values])).tolist()))
 
 
+@dataclasses.dataclass(frozen=True)
+class ValSet:
+    """A validation set as the user gave it and as a checked Dataset."""
+    data: object
+    ds: Dataset
+
+
 def _logits_f32(logits):
     return logits if logits.dtype == torch.float32 else logits.float()
 
@@ -136,7 +144,7 @@ class Trainer:
     # ---- what a trainer supplies -------------------------------------------------------------------
 
     def prepare(self, *data):
-        """(training batch source, {log-name prefix: validation data}) for ``fit``'s arguments."""
+        """(training batch source, {log-name prefix: ValSet}) for ``fit``'s arguments."""
         raise NotImplementedError
 
     def step(self, batch) -> tuple[torch.Tensor, dict]:
@@ -171,12 +179,14 @@ class Trainer:
         self._begin(len(batches), epochs, resume_from)
         self.on_fit_start(resuming)
         show = self._show_progress()
-        from tqdm.auto import tqdm
-
         start = time.perf_counter()
         for cb in self.callbacks:
             cb.on_fit_start(self)
-        bar = tqdm(total=epochs, initial=self.epoch, desc="epochs", unit="epoch", disable=not show, file=sys.stderr)
+        bar = None
+        if show:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=epochs, initial=self.epoch, desc="epochs", unit="epoch", file=sys.stderr)
         while self.epoch < epochs and not self.stop_training:
             epoch = self.epoch
             logs = self._train_epoch(batches, epoch, show)
@@ -187,30 +197,33 @@ class Trainer:
             # Checkpoints carry the RNG as it was here, at the epoch boundary: anything drawn later
             # (a final evaluation, say) must not leak into a resume.
             self._epoch_rng = rng_state()
-            bar.update(1)
-            bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if "acc" in k or k == "loss"})
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if "acc" in k or k == "loss"})
             for cb in self.callbacks:
                 cb.on_epoch_end(self, epoch, logs)
-        bar.close()
+        if bar is not None:
+            bar.close()
         for cb in self.callbacks:
             cb.on_fit_end(self)
         self.history.seconds += time.perf_counter() - start
         self.on_fit_end()
         return self.history
 
-    @torch.no_grad()
     def evaluate(self, data) -> dict:
         """{"loss": mean cross-entropy, "acc": accuracy} over ``data`` (summed across ranks under DDP)."""
-        ds = as_dataset(data, "data")
-        self._check_features(ds, "data")
-        labels = labels_of(ds)
+        return self._evaluate(ValSet(data, self._checked_dataset(data, "data")))
+
+    @torch.no_grad()
+    def _evaluate(self, val: ValSet) -> dict:
+        """evaluate() of a data set whose features and (readable) labels were checked already."""
+        per_batch_labels = labels_of(val.ds) is None
         num_classes = get_head(self.model)[1].out_features
-        check_labels(labels, num_classes, "data")
         was_training = self.model.training
         self.model.eval()
         sums = MetricSums()
-        for x, y in self._eval_batches(data, ds):
-            if labels is None:
+        for x, y in self._eval_batches(val.data, val.ds):
+            if per_batch_labels:
                 check_labels(y, num_classes, "data")
             with self._autocast():
                 logits = self.model(x)
@@ -289,7 +302,7 @@ class Trainer:
         self.global_step += 1
 
     def _validate(self) -> dict:
-        return {f"val_{prefix}{k}": v for prefix, data in self._val_sets.items() for k, v in self.evaluate(data).items()}
+        return {f"val_{prefix}{k}": v for prefix, val in self._val_sets.items() for k, v in self._evaluate(val).items()}
 
     def _eval_batches(self, data, ds):
         if isinstance(data, DataLoader) or not (isinstance(ds, TensorDataset) and len(ds.tensors) == 2):
@@ -409,14 +422,19 @@ class Trainer:
                              f"layer expects {expected}")
         return got
 
-    def _checked_dataset(self, data, name, num_classes):
-        """``data`` as a Dataset whose features fit the model and whose labels fit its head; labels that
-        cannot be read up front are checked per batch (a host sync each step)."""
+    def _checked_dataset(self, data, name):
+        """``data`` as a Dataset whose features fit the model and whose labels, where they can be read
+        up front, fit its head (the others are checked batch by batch)."""
         ds = as_dataset(data, name)
         self._check_features(ds, name)
-        labels = labels_of(ds)
-        check_labels(labels, num_classes, name)
-        self.check_batch_labels |= labels is None
+        check_labels(labels_of(ds), get_head(self.model)[1].out_features, name)
+        return ds
+
+    def _training_set(self, data, name):
+        """A checked training set; labels that cannot be read up front make every step check its batch
+        (a host sync each step)."""
+        ds = self._checked_dataset(data, name)
+        self.check_batch_labels |= labels_of(ds) is None
         return ds
 
     def _setup_distributed(self):

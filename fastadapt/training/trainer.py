@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from fastadapt.training.loop import Trainer, _logits_f32
+from fastadapt.training.loop import Trainer, ValSet, _logits_f32
 from fastadapt.training.data import check_labels
 from fastadapt.training.surgery import get_head
 
@@ -20,12 +20,8 @@ class TransferTrainer(Trainer):
     """
 
     def prepare(self, train_data, val_data=None):
-        num_classes = get_head(self.model)[1].out_features
-        ds = self._checked_dataset(train_data, "train_data", num_classes)
-        val = {}
-        if val_data is not None:
-            self._checked_dataset(val_data, "val_data", num_classes)
-            val[""] = val_data
+        ds = self._training_set(train_data, "train_data")
+        val = {} if val_data is None else {"": ValSet(val_data, self._checked_dataset(val_data, "val_data"))}
         return self.batches_for(train_data, ds), val
 
     def step(self, batch):
@@ -41,4 +37,4 @@ class TransferTrainer(Trainer):
 
     def on_fit_end(self):
         if "" in self._val_sets:  # of the returned model, which EarlyStopping may have rolled back
-            self.history.target_acc = self.evaluate(self._val_sets[""])["acc"]
+            self.history.target_acc = self._evaluate(self._val_sets[""])["acc"]
