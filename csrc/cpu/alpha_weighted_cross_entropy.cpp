@@ -72,10 +72,8 @@ int64_t count_valid(const Side& d, int64_t ignore) {
 
 std::array<Side, 2> make_sides(const Tensor& sl, const Tensor& sy, const Tensor& tl, const Tensor& ty,
                                const Tensor& alpha, int64_t reduction) {
-  check_reduction(reduction);
-  TORCH_CHECK(sl.scalar_type() == tl.scalar_type(), "source and target logits must share a dtype");
-  TORCH_CHECK(alpha.is_cpu(), "alpha must be on the CPU for CPU inputs");
-  const SideWeights w = side_weights(alpha);
+  check_two_sided_call(sl, tl, reduction);
+  const SideWeights w = cpu_side_weights(alpha);
   return {make_side(sl, sy, *w.w[0]), make_side(tl, ty, *w.w[1])};
 }
 

@@ -37,10 +37,8 @@ struct Side : MseSide {
 
 std::array<Side, 2> make_sides(const Tensor& sp, const Tensor& st, const Tensor& tp, const Tensor& tt,
                                const Tensor& alpha, int64_t reduction) {
-  check_reduction(reduction);
-  TORCH_CHECK(sp.scalar_type() == tp.scalar_type(), "source and target predictions must share a dtype");
-  TORCH_CHECK(alpha.is_cpu(), "alpha must be on the CPU for CPU inputs");
-  const SideWeights w = side_weights(alpha);
+  check_two_sided_call(sp, tp, reduction);
+  const SideWeights w = cpu_side_weights(alpha);
   std::array<Side, 2> sides;
   const std::array<std::pair<const Tensor*, const Tensor*>, 2> in = {{{&sp, &st}, {&tp, &tt}}};
   for (int k = 0; k < 2; ++k) {

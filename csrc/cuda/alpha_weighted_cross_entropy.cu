@@ -412,9 +412,8 @@ struct CeCall {
 
 CeCall prepare_call(const Tensor& sl, const Tensor& sy, const Tensor& tl, const Tensor& ty, const Tensor& alpha,
                     int64_t ignore, double eps, int64_t reduction) {
-  check_reduction(reduction);
+  check_two_sided_call(sl, tl, reduction);
   check_on_device({&sl, &sy, &tl, &ty}, alpha);
-  TORCH_CHECK(sl.scalar_type() == tl.scalar_type(), "source and target logits must share a dtype");
   CeCall call{Tensor(), {make_ce_side(sl, sy), make_ce_side(tl, ty)}, {}, CeCommon(), side_weights(alpha)};
   call.c.alpha = make_alpha_arg(alpha, call.alpha_keep);
   call.c.ignore = ignore;

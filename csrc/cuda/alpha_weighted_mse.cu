@@ -186,9 +186,8 @@ struct MseCall {
 
 MseCall prepare_call(const Tensor& sp, const Tensor& st, const Tensor& tp, const Tensor& tt, const Tensor& alpha,
                      int64_t reduction) {
-  check_reduction(reduction);
+  check_two_sided_call(sp, tp, reduction);
   check_on_device({&sp, &st, &tp, &tt}, alpha);
-  TORCH_CHECK(sp.scalar_type() == tp.scalar_type(), "source and target predictions must share a dtype");
   MseCall c{Tensor(), {make_mse_side(sp, st), make_mse_side(tp, tt)}, MseArgs(), side_weights(alpha)};
   c.p.alpha = make_alpha_arg(alpha, c.alpha_keep);
   c.p.reduction = static_cast<int>(reduction);

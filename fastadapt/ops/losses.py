@@ -11,7 +11,11 @@ import torch
 from torch import nn
 
 from fastadapt.ops import _validate, reference
-from fastadapt.ops._extension import use_compiled
+from fastadapt.ops._extension import has_ops, use_compiled
+
+# The ops, looked up once: the attribute chain torch.ops.fastadapt.<op>.default costs on every call.
+_CROSS_ENTROPY = torch.ops.fastadapt.alpha_weighted_cross_entropy.default if has_ops() else None
+_MSE = torch.ops.fastadapt.alpha_weighted_mse.default if has_ops() else None
 
 
 def alpha_weighted_cross_entropy(source_logits, source_labels, target_logits, target_labels, alpha=0.5, *,
@@ -42,7 +46,7 @@ def alpha_weighted_cross_entropy(source_logits, source_labels, target_logits, ta
     args = (sl, source_labels, tl, target_labels, a, ignore_index, float(label_smoothing))
     try:
         if use_compiled(sl):
-            terms = torch.ops.fastadapt.alpha_weighted_cross_entropy.default(*args, red)
+            terms = _CROSS_ENTROPY(*args, red)
         else:
             terms = reference.alpha_weighted_cross_entropy(*args, reduction)
     except IndexError:
@@ -83,8 +87,7 @@ def alpha_weighted_mse(source_pred, source_target, target_pred, target_target, a
     red = _validate.reduction_code(reduction)
     a = _validate.alpha_tensor(alpha, source_pred.device)
     if use_compiled(source_pred):
-        terms = torch.ops.fastadapt.alpha_weighted_mse.default(source_pred, source_target, target_pred, target_target,
-                                                               a, red)
+        terms = _MSE(source_pred, source_target, target_pred, target_target, a, red)
     else:
         terms = reference.alpha_weighted_mse(source_pred, source_target, target_pred, target_target, a, reduction)
     return _combine(terms, red, source_pred.dtype)

@@ -174,6 +174,7 @@ class Trainer:
         ``data`` is what the trainer's ``prepare`` takes."""
         positive_int("epochs", epochs)
         self._setup_distributed()  # before prepare: batch sources shard by rank
+        self.check_batch_labels = False  # set by prepare for training sets whose labels it cannot read
         batches, self._val_sets = self.prepare(*data)
         resuming = resume_from is not None or self._pending_state is not None
         self._begin(len(batches), epochs, resume_from)
