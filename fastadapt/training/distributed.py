@@ -1,6 +1,7 @@
 """torchrun support: process group from the environment, rank helpers, metric reduction."""
 from __future__ import annotations
 
+import atexit
 import os
 
 import torch
@@ -29,7 +30,16 @@ def init_from_env(device: torch.device) -> bool:
         if device.type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         tdist.init_process_group(backend=backend)
+        # The group is ours, so is its teardown: a process that exits with the group alive aborts
+        # ("terminate called without an active exception") when gloo's worker threads are destroyed
+        # during interpreter finalisation. atexit runs while the interpreter is still whole.
+        atexit.register(_destroy)
     return True
+
+
+def _destroy():
+    if tdist.is_initialized():
+        tdist.destroy_process_group()
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
