@@ -82,6 +82,7 @@ SAN_DIR   := build/sanitize
 SAN_DEPS  ?= $(DEPS)
 SAN_SRC   := $(SAN_DIR)/src
 SAN_TESTS ?= tests/test_alpha_weighted_cross_entropy.py tests/test_alpha_weighted_mse.py tests/test_linear_relu.py \
+             tests/test_alpha_weighted_distillation.py \
              tests/test_properties.py tests/test_determinism.py tests/test_error_table.py tests/test_extension.py
 SAN_PYTEST_ARGS ?= -m "not slow and not cuda"
 # the cache's own test runs on its own, with the cache on (the main run turns it off)

@@ -134,6 +134,20 @@ inline CeSide make_ce_side(const at::Tensor& logits, const at::Tensor& labels) {
   return d;
 }
 
+// The number of a CPU side's labels that are not ignore_index. A label outside [0, classes) would index
+// out of its row: IndexError, before any arithmetic (the Python layer then names the argument).
+inline int64_t count_valid_labels(const CeSide& d, int64_t ignore) {
+  const int64_t* y = d.labels.const_data_ptr<int64_t>();
+  int64_t n = 0;
+  for (int64_t i = 0; i < d.rows; ++i) {
+    if (y[i] == ignore) continue;
+    TORCH_CHECK_INDEX(y[i] >= 0 && y[i] < d.classes, "label ", y[i], " at flat position ", i, " is outside [0, ",
+                      d.classes, ")");
+    ++n;
+  }
+  return n;
+}
+
 // One side of an MSE call: prediction and target flat and contiguous.
 struct MseSide {
   at::Tensor pred, target;

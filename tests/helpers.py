@@ -70,3 +70,30 @@ def mse_oracle(sp, st, tp, tt, alpha, *, reduction="mean"):
         terms.append(p.new_zeros(p.shape if reduction == "none" else ()) if w == 0
                      else w * F.mse_loss(p, t, reduction=reduction))
     return tuple(terms) if reduction == "none" else terms[0] + terms[1]
+
+
+def distill_oracle(z, y, t, alpha, temperature, *, ignore_index=-100, label_smoothing=0.0, reduction="mean",
+                   class_dim=1):
+    """``alpha * F.cross_entropy + (1 - alpha) * T**2 * F.kl_div(log_softmax(z[..., :K] / T), log_softmax(t / T),
+    log_target=True)`` from PyTorch's own ops on the given (float64) logits, rows flattened (the KL's mean is
+    "batchmean" over rows); a term whose weight is 0 is not evaluated. (distill, ce) for reduction none."""
+    def rows(x):
+        x = x.movedim(1, -1) if class_dim == 1 and x.dim() > 2 else x
+        return x.reshape(y.numel(), x.shape[-1])
+
+    z2, t2, a = rows(z), rows(t), float(alpha)
+    k = t2.shape[-1]
+    zeros = z.new_zeros(y.shape if reduction == "none" else ())
+    if a == 1:
+        kd = zeros
+    else:
+        kl = F.kl_div(F.log_softmax(z2[:, :k] / temperature, -1), F.log_softmax(t2 / temperature, -1), log_target=True,
+                      reduction={"mean": "batchmean", "sum": "sum", "none": "none"}[reduction])
+        kd = (1 - a) * temperature ** 2 * (kl.sum(-1).reshape(y.shape) if reduction == "none" else kl)
+    if a == 0:
+        ce = zeros
+    else:
+        ce = a * F.cross_entropy(z2, y.reshape(-1).long(), ignore_index=ignore_index, label_smoothing=label_smoothing,
+                                 reduction=reduction)
+        ce = ce.reshape(y.shape) if reduction == "none" else ce
+    return (kd, ce) if reduction == "none" else kd + ce

@@ -46,6 +46,13 @@ def mse(sp=None, st=None, tp=None, tt=None, alpha=0.5, **kw):
     return fastadapt.alpha_weighted_mse(sp, st, tp, tt, alpha, **kw)
 
 
+def kd(z=None, y=None, t=None, alpha=0.5, temperature=2.0, **kw):
+    z = L(4, 5) if z is None else z
+    y = Y(4) if y is None else y
+    t = L(4, 3) if t is None else t
+    return fastadapt.alpha_weighted_distillation(z, y, t, alpha, temperature, **kw)
+
+
 def _labels(*values):
     return torch.tensor(values)
 
@@ -146,6 +153,34 @@ API_CASES = [
      "target_pred is on meta but source_pred is on cpu; all inputs must share one device"),
     ("mse-reduction", "reduction=None", lambda t: mse(reduction=None), ValueError,
      "reduction must be one of ['mean', 'none', 'sum'], got None"),
+    # ---- alpha_weighted_distillation (logits and labels are checked as a cross-entropy side's)
+    ("kd-teacher-type", "teacher_logits=[[0.0]] (a list)", lambda t: kd(t=[[0.0]]), TypeError,
+     "teacher_logits must be a torch.Tensor, got list"),
+    ("kd-teacher-grad", "teacher_logits that requires grad", lambda t: kd(t=L(4, 3).requires_grad_()), ValueError,
+     "teacher_logits requires grad, but the teacher is frozen and gets no gradient: compute it under "
+     "torch.no_grad() or pass teacher_logits.detach()"),
+    ("kd-teacher-dtype", "float64 teacher for float32 logits", lambda t: kd(t=L(4, 3, dtype=f64)), TypeError,
+     "teacher_logits has dtype torch.float64 but logits has dtype torch.float32; they must match"),
+    ("kd-teacher-device", "teacher_logits on another device (meta)", lambda t: kd(t=L(4, 3, device="meta")),
+     ValueError, "teacher_logits is on meta but logits is on cpu; all inputs must share one device"),
+    ("kd-teacher-shape", "teacher_logits (3, 3) for logits (4, 5)", lambda t: kd(t=L(3, 3)), ValueError,
+     "teacher_logits has shape (3, 3) but logits has shape (4, 5); they must match in every dimension but the "
+     "class dimension (dim 1)"),
+    ("kd-teacher-classes", "teacher_logits with 6 classes for a 5-class student", lambda t: kd(t=L(4, 6)), ValueError,
+     "teacher_logits has 6 classes (shape (4, 6)) but logits has 5 (shape (4, 5)); the teacher covers the first K "
+     "classes of the student's head, 1 <= K <= 5"),
+    ("kd-labels-shape", "labels (3,) for logits (4, 5)", lambda t: kd(y=Y(3)), ValueError,
+     "labels has shape (3,) but logits has shape (4, 5)"),
+    ("kd-temperature-zero", "temperature=0", lambda t: kd(temperature=0), ValueError,
+     "temperature must be a finite float > 0, got 0"),
+    ("kd-temperature-nan", "temperature=nan", lambda t: kd(temperature=float("nan")), ValueError,
+     "temperature must be a finite float > 0, got nan"),
+    ("kd-temperature-inf", "temperature=inf", lambda t: kd(temperature=float("inf")), ValueError,
+     "temperature must be a finite float > 0, got inf"),
+    ("kd-temperature-type", "temperature=None", lambda t: kd(temperature=None), TypeError,
+     "temperature must be a float, got NoneType"),
+    ("kd-label-range", "a label 7 with 5 classes (CPU)", lambda t: kd(y=_labels(0, 7, 1, 2)), IndexError,
+     "labels contains the label 7 (at flat position 1), outside [0, 5) and not ignore_index (-100)"),
     # ---- AlphaWeightedLoss
     ("module-kind", "AlphaWeightedLoss(kind='l1')", lambda t: fastadapt.AlphaWeightedLoss(kind="l1"), ValueError,
      "kind must be one of ['cross_entropy', 'mse'], got 'l1'"),

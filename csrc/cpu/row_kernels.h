@@ -37,6 +37,32 @@ struct LossRowFns {
   double (*mse_chunk)(const T* x, const T* y, int64_t n, T* grad, T scale, T* elem, T w);
 };
 
+// One row of alpha_weighted_distillation (csrc/alpha_weighted_distillation.h): student logits z (C),
+// teacher logits t (K <= C, null when the distillation term is not evaluated), label y (-1 when the
+// row has no cross-entropy: ignored label, or alpha = 0).
+template <typename T>
+struct DistillRow {
+  const T* z;
+  int64_t C;
+  const T* t;
+  int64_t K;
+  int64_t y;
+  T inv_temperature, eps;
+  T ce_scale, kd_scale;  // gradient weights: of dCE/dz, and of (p - q) on the first K columns
+};
+
+template <typename T>
+struct DistillRowFns {
+  // The row's cross-entropy (as ce_row) and KL(q || p), q = softmax(t / T), p = softmax(z[:K] / T), in
+  // one read of z and t; writes lse = {lse(z), lse(z[:K] / T), lse(t / T)} (double, as ce_row's).
+  // When grad is non-null it also writes ce_scale * dCE/dz + kd_scale * (p - q) (p - q on the first K
+  // columns) with the exponentials parked in L2, so a row costs one exp per element and term. A term
+  // whose row maxima are not finite is NaN and so is the whole gradient row.
+  void (*row)(const DistillRow<T>& r, T* grad, double* lse, double* ce, double* kl);
+  // The same gradient from the saved log-sum-exps: one read of z and t, one write of grad.
+  void (*grad_row)(const DistillRow<T>& r, const double* lse, T* grad);
+};
+
 // The epilogue rows of linear_relu, for T in float, double and bfloat16; bf16 works in float and
 // rounds once.
 template <typename T>
@@ -58,6 +84,8 @@ struct RowKernels {
   DenseRowFns<float> dense_float;
   DenseRowFns<double> dense_double;
   DenseRowFns<c10::BFloat16> dense_bfloat16;
+  DistillRowFns<float> distill_float;
+  DistillRowFns<double> distill_double;
 };
 
 // The kernels of the capability ATen runs at, chosen once per process.
@@ -74,6 +102,12 @@ const DenseRowFns<T>& dense_row_fns() {
   if constexpr (std::is_same_v<T, float>) return row_kernels().dense_float;
   else if constexpr (std::is_same_v<T, double>) return row_kernels().dense_double;
   else return row_kernels().dense_bfloat16;
+}
+
+template <typename T>
+const DistillRowFns<T>& distill_row_fns() {
+  if constexpr (std::is_same_v<T, float>) return row_kernels().distill_float;
+  else return row_kernels().distill_double;
 }
 
 // Per-capability builders, defined in csrc/cpu/vec/row_kernels_<cap>.cpp.

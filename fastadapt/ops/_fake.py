@@ -52,6 +52,21 @@ if has_ops():
     def _(g_s, g_t, sp, st, tp, tt, alpha, saved, reduction, mask):
         return _grad_or_empty(mask[0], sp), _grad_or_empty(mask[1], tp)
 
+    @torch.library.register_fake(lib + "alpha_weighted_distillation")
+    def _(z, y, t, alpha, temperature, ignore_index, label_smoothing, reduction):
+        return _terms(reduction, y.shape, y.shape, z)
+
+    @torch.library.register_fake(lib + "_alpha_weighted_distillation_forward")
+    def _(z, y, t, alpha, temperature, ignore_index, label_smoothing, reduction, write_grad):
+        term_kd, term_ce = _terms(reduction, y.shape, y.shape, z)
+        # per row the three log-sum-exps (float64) and the count of non-ignored rows
+        saved = [z.new_empty((y.numel(), 3), dtype=torch.float64), z.new_empty((1,), dtype=torch.int64)]
+        return term_kd, term_ce, saved, _grad_or_empty(write_grad, z)
+
+    @torch.library.register_fake(lib + "_alpha_weighted_distillation_backward")
+    def _(g_kd, g_ce, z, y, t, alpha, saved, temperature, ignore_index, label_smoothing, reduction):
+        return _grad_or_empty(True, z)
+
     @torch.library.register_fake(lib + "linear_relu")
     def _(x, weight, bias):
         torch._check(x.shape[-1] == weight.shape[1])

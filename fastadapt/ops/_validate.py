@@ -109,7 +109,8 @@ def check_class_dim(class_dim):
 
 
 def ce_side(side, logits, labels, class_dim):
-    """One side's logits with the class dimension last, after checking logits and labels.
+    """One side's logits with the class dimension last, after checking logits and labels (named
+    ``{side}_logits`` and ``{side}_labels``, or ``logits`` and ``labels`` for side ``""``).
 
     class_dim=1 reads the logits as F.cross_entropy does: (C,), (N, C) or (N, C, d1, ...) with labels
     (), (N,) or (N, d1, ...). class_dim=-1 reads them class-last: (..., C) with labels (...).
@@ -120,7 +121,7 @@ def ce_side(side, logits, labels, class_dim):
             and labels.dtype == torch.int64 and (logits.dim() == 2 or (class_dim == -1 and logits.dim() >= 1))
             and labels.shape == logits.shape[:-1] and logits.shape[-1] > 0):
         return logits
-    ln, bn = f"{side}_logits", f"{side}_labels"
+    ln, bn = (f"{side}_logits", f"{side}_labels") if side else ("logits", "labels")
     check_tensor(ln, logits)
     check_tensor(bn, labels)
     check_float_dtype(ln, logits)
@@ -209,3 +210,31 @@ def check_linear_relu_args(x, weight, bias):
     if bias is not None:
         check_same_dtype("x", x, "bias", bias)
     check_same_device(x=x, weight=weight, bias=bias)
+
+
+def check_temperature(temperature):
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
+    if not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be a finite float > 0, got {temperature}")
+
+
+def teacher_side(teacher_logits, logits, class_dim):
+    """The teacher's logits with the class dimension last, after checking them against the student's
+    (already checked) logits: same layout, dtype and device, K classes with 1 <= K <= C, no grad."""
+    check_tensor("teacher_logits", teacher_logits)
+    if teacher_logits.requires_grad:
+        raise ValueError("teacher_logits requires grad, but the teacher is frozen and gets no gradient: compute it "
+                         "under torch.no_grad() or pass teacher_logits.detach()")
+    check_same_dtype("logits", logits, "teacher_logits", teacher_logits)
+    check_same_device(logits=logits, teacher_logits=teacher_logits)
+    cd = 1 if class_dim == 1 and logits.dim() >= 2 else logits.dim() - 1
+    shape, tshape = tuple(logits.shape), tuple(teacher_logits.shape)
+    if len(tshape) != len(shape) or tshape[:cd] + tshape[cd + 1:] != shape[:cd] + shape[cd + 1:]:
+        raise ValueError(f"teacher_logits has shape {tshape} but logits has shape {shape}; they must match in "
+                         f"every dimension but the class dimension (dim {cd})")
+    k, c = tshape[cd], shape[cd]
+    if not 1 <= k <= c:
+        raise ValueError(f"teacher_logits has {k} classes (shape {tshape}) but logits has {c} (shape {shape}); the "
+                         f"teacher covers the first K classes of the student's head, 1 <= K <= {c}")
+    return teacher_logits.movedim(1, -1) if cd == 1 and teacher_logits.dim() >= 3 else teacher_logits

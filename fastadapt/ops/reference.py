@@ -57,5 +57,30 @@ def alpha_weighted_mse(source_pred, source_target, target_pred, target_target, a
     return tuple(terms)
 
 
+def alpha_weighted_distillation(logits, labels, teacher_logits, alpha, temperature, ignore_index=-100,
+                                label_smoothing=0.0, reduction="mean"):
+    """``(distill_term, ce_term)``: ``(1 - alpha) * T**2 * KL(softmax(t/T) || softmax(z[..., :K]/T))`` over all
+    rows (mean: "batchmean", over rows) and ``alpha * F.cross_entropy``, from class-last logits."""
+    rows, k = labels.numel(), teacher_logits.shape[-1]
+    w_kd = 1.0 - alpha
+    if _is_zero(w_kd):
+        kd = _wide(logits).new_zeros(labels.shape if reduction == "none" else ())
+    else:
+        log_p = F.log_softmax(_wide(logits).reshape(rows, logits.shape[-1])[:, :k] / temperature, dim=-1)
+        log_q = F.log_softmax(_wide(teacher_logits).reshape(rows, k) / temperature, dim=-1)
+        q = log_q.exp()
+        # F.kl_div's 0 * log 0 = 0, also where the teacher's logit is -inf (log_target=True gives NaN there);
+        # a NaN stays NaN
+        kl = torch.where(q == 0, 0.0, q * (log_q - log_p)).sum(-1)
+        kl = kl.reshape(labels.shape) if reduction == "none" else kl.sum() / rows if reduction == "mean" else kl.sum()
+        kd = (w_kd * temperature * temperature * kl).to(kl.dtype)
+    if _is_zero(alpha):
+        ce = _wide(logits).new_zeros(labels.shape if reduction == "none" else ())
+    else:
+        loss = cross_entropy_term(logits, labels, ignore_index, label_smoothing, reduction)
+        ce = (alpha * loss).to(loss.dtype)
+    return kd, ce
+
+
 def linear_relu(x, weight, bias=None):
     return F.relu(F.linear(x, weight, bias))
