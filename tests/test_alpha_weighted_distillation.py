@@ -366,3 +366,39 @@ def test_direct_op_call_is_memory_safe():
         op(z, y, t, a, 0.0)
     with pytest.raises(IndexError):
         op(z, torch.tensor([0, 9, 1, 2]), t, a, 2.0)
+
+
+# ---- CUDA conventions (no host sync) ----------------------------------------------------------
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("reduction", [0, 1, 2])
+def test_cuda_device_alpha_and_write_grad_match_cpu(reduction):
+    """A device-resident alpha gives what a CPU alpha gives; the forward op asked for the gradient gives
+    the backward op's gradient for unit grad_outputs; both match the CPU kernels."""
+    z, y, t = make_inputs((37,), 300, 200, "cpu", ignore_frac=0.3)
+    z = z.detach()
+    args = (-100, 0.1, reduction)
+    cpu = torch.ops.fastadapt._alpha_weighted_distillation_forward(z, y, t, torch.tensor(0.3, dtype=torch.float64),
+                                                                   2.0, *args, True)
+    zc, yc, tc = z.cuda(), y.cuda(), t.cuda()
+    for alpha in (torch.tensor(0.3, dtype=torch.float64), torch.tensor(0.3, dtype=torch.float64, device="cuda")):
+        kd, ce, saved, grad = torch.ops.fastadapt._alpha_weighted_distillation_forward(zc, yc, tc, alpha, 2.0, *args,
+                                                                                       True)
+        assert_close(kd, cpu[0], torch.float32, "distill term")
+        assert_close(ce, cpu[1], torch.float32, "ce term")
+        assert_close(saved[0], cpu[2][0], torch.float32, "log-sum-exps")
+        assert int(saved[1]) == int(cpu[2][1])
+        assert_close(grad, cpu[3], torch.float32, "grad written in the forward")
+        ones = torch.ones(y.shape, device="cuda") if reduction == 0 else torch.tensor(1.0, device="cuda")
+        back = torch.ops.fastadapt._alpha_weighted_distillation_backward(ones, ones, zc, yc, tc, alpha, saved, 2.0,
+                                                                         *args)
+        assert_close(back, cpu[3], torch.float32, "grad of the backward op")
+
+
+@pytest.mark.cuda
+def test_cuda_label_out_of_range_is_nan_not_an_error():
+    z, y, t = make_inputs((4,), 5, 3, "cuda", ignore_frac=0.0)
+    y[1] = 7
+    kd, ce = torch.ops.fastadapt.alpha_weighted_distillation(z.detach(), y, t, torch.tensor(0.5, dtype=torch.float64),
+                                                             2.0, -100, 0.0, 0)
+    assert torch.isnan(ce[1]) and torch.isfinite(ce[[0, 2, 3]]).all() and torch.isfinite(kd).all()

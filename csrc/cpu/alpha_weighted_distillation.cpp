@@ -68,8 +68,9 @@ struct RowScale {
   double at(int64_t i) const { return rows ? rows[i] * scale : scale; }
 };
 
-// Every row through one row function: `fn(row, i)` with the row's DistillRow; rows with no evaluated
-// term get a zero gradient row (when there is one).
+// Every row through `fn(row, i, grad_row)`: row is the row's DistillRow, null for a row with no evaluated
+// term (whose gradient row, when there is one, is zeroed here); grad_row is where fn writes the row's
+// gradient in the accumulation type, null when none is asked for.
 template <typename scalar_t, typename Fn>
 void for_rows(const Call& c, int64_t ignore, double temperature, double eps, RowScale ce_scale, RowScale kd_scale,
               scalar_t* grad, const Fn& fn) {

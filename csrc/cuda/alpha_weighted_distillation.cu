@@ -236,7 +236,9 @@ __global__ __launch_bounds__(kBlockThreads) void distill_forward_kernel(const Di
   if (d.row_ce) static_cast<A*>(d.row_ce)[i] = ce_loss;
   if (d.row_kl) static_cast<A*>(d.row_kl)[i] = kl;
   // a zero-weight term is not evaluated: its outputs are 0
-  if (d.none_ce) static_cast<A*>(d.none_ce)[i] = static_cast<A>(w_ce == 0.0 ? 0.0 : w_ce * static_cast<double>(ce_loss));
+  if (d.none_ce) {
+    static_cast<A*>(d.none_ce)[i] = static_cast<A>(w_ce == 0.0 ? 0.0 : w_ce * static_cast<double>(ce_loss));
+  }
   if (d.none_kd) {
     static_cast<A*>(d.none_kd)[i] = static_cast<A>(w_kd == 0.0 ? 0.0 : w_kd * d.t2 * static_cast<double>(kl));
   }

@@ -22,7 +22,8 @@ template <typename T, typename F>
 inline void stream_row(T* out, int64_t n, const F& at) {
   using V = Vectorized<T>;
   constexpr int64_t W = V::size(), kBytes = W * sizeof(T);
-  const int64_t head = std::min<int64_t>(n, int64_t((kBytes - reinterpret_cast<uintptr_t>(out) % kBytes) % kBytes) / int64_t(sizeof(T)));
+  const int64_t misaligned = int64_t((kBytes - reinterpret_cast<uintptr_t>(out) % kBytes) % kBytes);
+  const int64_t head = std::min<int64_t>(n, misaligned / int64_t(sizeof(T)));
   if (head > 0) at(0, head).store(out, head);
   int64_t i = head;
   for (; i + W <= n; i += W) store_stream(out + i, at(i, W));
