@@ -9,8 +9,7 @@ namespace fastadapt::cpu::CPU_CAPABILITY {
 
 RowKernels make_row_kernels() {
   return RowKernels{loss_fns<float>(), loss_fns<double>(), dense_fns<float>(), dense_fns<double>(),
-                    dense_fns<c10::BFloat16>(), distill_fns<float>(),
-                    distill_fns<double>()};
+                    dense_fns<c10::BFloat16>(), distill_fns<float>(), distill_fns<double>()};
 }
 
 }  // namespace fastadapt::cpu::CPU_CAPABILITY
