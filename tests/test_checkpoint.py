@@ -170,27 +170,35 @@ def test_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
     assert h_full.history == h_res.history and h_res.epoch == [0, 1, 2, 3]
 
 
-def _adaptive_run(epochs, resume_from=None, save_to=None):
+def _adaptive_run(epochs, resume_from=None, save_to=None, strategy="replay"):
     Xs, ys = blobs(90, classes=(0, 1, 2), seed=1)
     Xt, yt = blobs(60, classes=(3, 4), seed=2)
     torch.manual_seed(5)
     net = extend_head(MLP(8, (16,), 3), 2)
-    tr = AdaptiveTrainer(net, alpha=lambda s: 0.5 + 0.01 * s, memory_size=20, batch_size=16, seed=3,
-                         progress_bar=False)
-    hist = tr.fit((Xt, yt), (Xs, ys), {"source": (Xs, ys), "target": (Xt, yt)}, epochs=epochs,
+    replays = strategy != "lwf"
+    tr = AdaptiveTrainer(net, alpha=lambda s: 0.5 + 0.01 * s, strategy=strategy, memory_size=20 if replays else None,
+                         batch_size=16, seed=3, progress_bar=False)
+    hist = tr.fit((Xt, yt), (Xs, ys) if replays else None, {"source": (Xs, ys), "target": (Xt, yt)}, epochs=epochs,
                   resume_from=resume_from)
     if save_to is not None:
         tr.save_checkpoint(save_to)
-    return net, hist
+    return net, hist, tr
 
 
-def test_adaptive_two_epochs_then_resume_two_is_bitwise_equal_to_four(tmp_path):
-    full, h_full = _adaptive_run(4)
-    _adaptive_run(2, save_to=tmp_path / "ck")
-    resumed, h_res = _adaptive_run(4, resume_from=tmp_path / "ck")
+@pytest.mark.parametrize("strategy", ["replay", "lwf", "replay+lwf"])
+def test_adaptive_two_epochs_then_resume_two_is_bitwise_equal_to_four(tmp_path, strategy):
+    """Under LwF the resumed run distils from the checkpoint's teacher (the model before adaptation),
+    not from the half-adapted model it resumes."""
+    full, h_full, _ = _adaptive_run(4, strategy=strategy)
+    _adaptive_run(2, save_to=tmp_path / "ck", strategy=strategy)
+    resumed, h_res, tr = _adaptive_run(4, resume_from=tmp_path / "ck", strategy=strategy)
     assert all(torch.equal(v, resumed.state_dict()[k]) for k, v in full.state_dict().items())
     assert h_full.history == h_res.history
     assert h_full.source_acc_before == h_res.source_acc_before and h_full.forgetting == h_res.forgetting
+    if strategy != "replay":
+        torch.manual_seed(5)
+        before = extend_head(MLP(8, (16,), 3), 2)
+        assert all(torch.equal(v, tr.teacher.state_dict()[k]) for k, v in before.state_dict().items())
 
 
 # ---- weights_only ----------------------------------------------------------------------------------

@@ -201,20 +201,46 @@ def test_bad_inputs_through_the_api():
 
 @pytest.mark.slow
 def test_demo_meets_the_quality_targets(tmp_path, capsys):
+    """Seed 0 of both scenarios; the 5-seed means against the issue's targets are in BENCHMARKS.md."""
     threads = torch.get_num_threads()
     try:
         rc, out, err = _run(["demo", "-o", str(tmp_path / "demo")], capsys)
     finally:
         torch.set_num_threads(threads)  # the demo sets 1
     assert rc == 0, err
-    assert "scratch" in out and "alpha=0.5+replay100" in out and "joint (all source)" in out
-    report = json.loads((tmp_path / "demo" / "report.json").read_text())
-    rows = {r["method"]: r for r in report["adapt"]}
-    assert rows["alpha=1"]["forgetting"] >= 90
-    assert rows["alpha=0.5+replay100"]["forgetting"] <= 10 and rows["alpha=0.5+replay100"]["target_acc"] >= 0.95
+    assert "scratch" in out and "alpha=0.2+replay100" in out and "lwf T=2 alpha=0.8" in out
+    ci = json.loads((tmp_path / "demo" / "class-incremental" / "report.json").read_text())
+    rows = {r["method"]: r for r in ci["adapt"]}
+    assert rows["naive (alpha=1)"]["forgetting"] >= 90
+    assert rows["alpha=0.2+replay100"]["forgetting"] <= 10 and rows["alpha=0.2+replay100"]["target_acc"] >= 0.95
+    assert rows["lwf T=2 alpha=0.8"]["forgetting"] >= 90  # LwF fails class-incrementally, as the literature says
+    assert rows["replay+lwf T=2 alpha=0.2+replay100"]["forgetting"] <= 10
     assert rows["joint (all source)"]["forgetting"] <= 3
-    assert {r["method"] for r in report["transfer"]} == {"frozen", "finetune", "scratch"}
-    assert (tmp_path / "demo" / "accuracy.png").read_bytes()[:8] == PNG
+    assert {r["method"] for r in ci["transfer"]} == {"frozen", "finetune", "scratch"}
+    di = json.loads((tmp_path / "demo" / "domain-incremental" / "report.json").read_text())
+    rows = {r["method"]: r for r in di["adapt"]}
+    assert rows["naive (alpha=1)"]["forgetting"] >= 15
+    lwf = rows["lwf T=2 alpha=0.8"]
+    assert lwf["forgetting"] <= 4 and lwf["target_acc"] >= 0.85 and lwf["memory_size"] is None
+    assert rows["replay+lwf T=2 alpha=0.8+replay100"]["forgetting"] <= 4
+    assert di["transfer"] == []
+    for scenario in ("class-incremental", "domain-incremental"):
+        assert (tmp_path / "demo" / scenario / "accuracy.png").read_bytes()[:8] == PNG
+
+
+def test_adapt_with_lwf_stores_no_source_sample(tmp_path, capsys):
+    src, tgt = _npz(tmp_path / "s.npz", (0, 1, 2), 1), _npz(tmp_path / "t.npz", (3, 4), 2)
+    rc, out, err = _run(["adapt", "--source", src, "--target", tgt, "-o", str(tmp_path / "out"), "--strategy", "lwf",
+                         "--temperature", "3", "--alpha", "0.8"] + FAST, capsys)
+    assert rc == 0, err
+    row = json.loads((tmp_path / "out" / "report.json").read_text())["adapt"][0]
+    assert row["method"] == "lwf T=3 alpha=0.8" and row["strategy"] == "lwf" and row["temperature"] == 3
+    assert row["memory_size"] is None and row["forgetting"] is not None and "source_acc" not in row["history"]
+    for bad, msg in ((["--strategy", "lwf", "--memory-size", "10"], "--memory-size 10 but --strategy lwf stores no"),
+                     (["--temperature", "2"], "--temperature 2 applies to distillation: pass --strategy lwf")):
+        rc, _, err = _run(["adapt", "--source", src, "--target", tgt, "-o", str(tmp_path / "bad")] + bad + FAST, capsys)
+        assert rc == 2 and msg in err
+        assert not (tmp_path / "bad" / "pretrained.safetensors").exists()
 
 
 def test_adapt_default_memory_on_a_small_source_keeps_what_exists(tmp_path, capsys):

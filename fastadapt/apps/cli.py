@@ -1,8 +1,8 @@
 """Command-line interface: ``python -m fastadapt <command>`` (also the ``fastadapt`` console script).
 
-  demo      pretrain on digits 0-4, transfer and adapt to 5-9, print a table, write report + plot
+  demo      digits, class- and domain-incremental: transfer and adapt, print tables, write reports + plots
   transfer  the transfer workflow on your data (frozen / finetune / scratch)
-  adapt     the adaptive workflow on your data (alpha-weighted loss, replay memory)
+  adapt     the adaptive workflow on your data (alpha-weighted loss; replay memory or distillation)
   info      build information
   bench     quick benchmark of the fused kernels against eager PyTorch
 """
@@ -41,10 +41,12 @@ def _cmd_demo(args) -> int:
 
     # These MLPs are too small for intra-op threads to pay for their synchronisation.
     _set_threads(args, default=1)
+    scenarios = tuple(demo.SCENARIOS) if args.scenario == "all" else (args.scenario,)
     if args.seeds:
-        demo.run_seeds(args.output, args.seeds, quiet=args.quiet, device=args.device)
+        demo.run_seeds(args.output, args.seeds, quiet=args.quiet, device=args.device, scenarios=scenarios)
     else:
-        demo.run(args.output, seed=args.seed, quiet=args.quiet, device=args.device, resume=args.resume)
+        demo.run(args.output, seed=args.seed, quiet=args.quiet, device=args.device, resume=args.resume,
+                 scenarios=scenarios)
     return 0
 
 
@@ -74,9 +76,19 @@ def _cmd_adapt(args) -> int:
     _set_threads(args)
     cfg = _config(args)
     task = workflows.prepare(args.source, args.target, cfg, label_column=args.label_column)
-    memory = workflows.replay_memory_size(args.memory_size, task, args.source)  # checked before any training
+    if args.strategy == "lwf":
+        if args.memory_size is not None:
+            raise ValueError(f"--memory-size {args.memory_size} but --strategy lwf stores no source samples; use "
+                             f"--strategy replay+lwf to replay a memory as well")
+        memory = None
+    else:
+        memory = workflows.replay_memory_size(args.memory_size, task, args.source)  # checked before any training
+    if args.temperature is not None and args.strategy == "replay":
+        raise ValueError(f"--temperature {args.temperature:g} applies to distillation: pass --strategy lwf or "
+                         f"replay+lwf")
     path, pre = workflows.pretrain(task, cfg)
-    rows = [workflows.adapt(task, path, a, memory, cfg) for a in args.alpha]
+    rows = [workflows.adapt(task, path, a, memory, cfg, strategy=args.strategy,
+                            temperature=args.temperature) for a in args.alpha]
     if args.joint:
         rows.append(workflows.adapt(task, path, 0.5, None, cfg, name="joint (all source)"))
     _finish(args, cfg, {"pretrain": pre, "adapt": rows, "classes": _classes(task)}, rows)
@@ -87,6 +99,12 @@ def workflows_default_memory() -> int:
     from fastadapt.apps.workflows import DEFAULT_MEMORY
 
     return DEFAULT_MEMORY
+
+
+def _default_temperature() -> float:
+    from fastadapt.training.config import AdaptiveConfig
+
+    return AdaptiveConfig.temperature
 
 
 def _classes(task):
@@ -196,10 +214,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-run-time", type=_positive_float, default=0.3, help="seconds per measurement")
     p.set_defaults(fn=_cmd_bench)
 
-    p = sub.add_parser("demo", help="digits 0-4 -> 5-9: transfer and adaptive learning, honest table")
+    p = sub.add_parser("demo", help="digits, class- and domain-incremental: transfer and adaptation, honest tables")
     _common(p, os.path.join("fastadapt_out", "demo"), None)
     p.add_argument("--seeds", type=_seed_list, default=None,
                    help="run once per seed (e.g. 0,1,2,3,4) and print mean ± std")
+    p.add_argument("--scenario", choices=("all", "class-incremental", "domain-incremental"), default="all",
+                   help="class-incremental: digits 0-4 -> 5-9; domain-incremental: digits -> the same digits "
+                        "with permuted pixels (default: both)")
     p.set_defaults(fn=_cmd_demo)
 
     p = sub.add_parser("transfer", help="pretrain on --source, transfer to --target")
@@ -214,6 +235,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-size", type=_non_negative_int, default=None,
                    help=f"replay memory of class-balanced source samples; 0 = all source data (default "
                         f"{workflows_default_memory()}, or every source training sample when there are fewer)")
+    p.add_argument("--strategy", choices=("replay", "lwf", "replay+lwf"), default="replay",
+                   help="the source term: replayed source samples (replay), distillation from the pretrained "
+                        "model on the target inputs, storing no source sample (lwf), or both (default replay)")
+    p.add_argument("--temperature", type=_positive_float, default=None,
+                   help=f"distillation temperature for lwf and replay+lwf (default {_default_temperature():g})")
     p.add_argument("--joint", action="store_true", help="also train jointly on all source data (upper bound)")
     p.set_defaults(fn=_cmd_adapt)
     return parser

@@ -15,6 +15,7 @@ from fastadapt.training import checkpoint as ckpt
 from fastadapt.apps import readers
 from fastadapt.training.adaptive import AdaptiveTrainer
 from fastadapt.training.callbacks import ModelCheckpoint
+from fastadapt.training.config import AdaptiveConfig
 from fastadapt.training.models import MLP
 from fastadapt.training import distributed as dist
 from fastadapt.training.surgery import extend_head, load_pretrained, replace_head
@@ -80,6 +81,15 @@ def prepare(source_spec: str, target_spec: str, cfg: RunConfig, label_column="la
         return torch.from_numpy(scale(pair[0])), torch.from_numpy(pair[1].astype(np.int64))
 
     return Task(tensors(s_tr), tensors(s_te), tensors(t_tr), tensors(t_te), s_classes, t_classes, len(ys))
+
+
+def permuted_task(spec: str, cfg: RunConfig, permutation_seed: int = 0) -> Task:
+    """Domain-incremental: the same classes and images on both sides, the target's pixels (features)
+    shuffled by one fixed permutation (seeded by ``permutation_seed``, not by the run's seed)."""
+    task = prepare(spec, spec, cfg)
+    perm = torch.from_numpy(np.random.default_rng(permutation_seed).permutation(task.source_train[0].shape[1]))
+    (Xtr, ytr), (Xte, yte) = task.source_train, task.source_test
+    return dataclasses.replace(task, target_train=(Xtr[:, perm], ytr.clone()), target_test=(Xte[:, perm], yte.clone()))
 
 
 # The replay memory `fastadapt adapt` keeps when --memory-size is not given.
@@ -185,21 +195,30 @@ def _contiguous(target_classes, source_classes) -> torch.Tensor:
 
 
 def adapt(task: Task, pretrained: str, alpha: float, memory_size: int | None, cfg: RunConfig,
-          name: str | None = None) -> dict:
-    """Class-incremental adaptation: the source head is extended to the new target classes, then
-    trained with alpha-weighted loss on target batches paired with replayed source batches."""
-    name = name or f"alpha={alpha:g}" + (f"+replay{memory_size}" if memory_size and alpha < 1 else "")
+          name: str | None = None, strategy: str = "replay", temperature: float | None = None) -> dict:
+    """Adaptation to the target task: the source head is extended to the target's new classes (class-
+    incremental; none when the target has the source's classes), then trained with the alpha-weighted
+    loss whose source term is ``strategy``'s (replayed source batches and/or distillation from the
+    pretrained model)."""
+    replays = strategy != "lwf"
+    temperature = AdaptiveConfig.temperature if temperature is None else temperature
+    if name is None:
+        name = f"alpha={alpha:g}" if strategy == "replay" else f"{strategy} T={temperature:g} alpha={alpha:g}"
+        if replays and memory_size and alpha < 1:
+            name += f"+replay{memory_size}"
     seed_everything(cfg.seed)
     model = load_pretrained(pretrained)
     new = len([c for c in task.target_classes if c not in task.source_classes])
     if new:
         extend_head(model, new)
     run_dir = os.path.join(cfg.output, "runs", _slug(name))
-    trainer = AdaptiveTrainer(model, alpha=alpha, memory_size=memory_size, **_trainer_kwargs(cfg, run_dir))
-    hist = trainer.fit(task.target_train, task.source_train,
+    trainer = AdaptiveTrainer(model, alpha=alpha, strategy=strategy, temperature=temperature,
+                              memory_size=memory_size if replays else None, **_trainer_kwargs(cfg, run_dir))
+    hist = trainer.fit(task.target_train, task.source_train if replays else None,
                        {"source": task.source_test, "target": task.target_test}, epochs=cfg.epochs,
                        resume_from=_resume_path(cfg, run_dir))
-    return {"method": name, "alpha": alpha, "memory_size": memory_size,
+    return {"method": name, "alpha": alpha, "strategy": strategy, "memory_size": memory_size if replays else None,
+            "temperature": temperature if strategy != "replay" else None,
             "source_acc_before": hist.source_acc_before, "source_acc_after": hist.source_acc_after,
             "forgetting": hist.forgetting, "bwt": hist.bwt, "target_acc": hist.target_acc,
             "seconds": hist.seconds, "history": hist.history}
@@ -213,11 +232,12 @@ def format_table(rows) -> str:
     def pct(v):
         return "     —" if v is None else f"{100 * v:6.1f}"
 
-    head = f"{'method':<22} {'src before':>10} {'src after':>10} {'forgetting':>10} {'target acc':>10} {'seconds':>8}"
+    w = max([22] + [len(r["method"]) for r in rows])
+    head = f"{'method':<{w}} {'src before':>10} {'src after':>10} {'forgetting':>10} {'target acc':>10} {'seconds':>8}"
     lines = [head, "-" * len(head)]
     for r in rows:
         f = r.get("forgetting")
-        lines.append(f"{r['method']:<22} {pct(r.get('source_acc_before')):>10} {pct(r.get('source_acc_after')):>10} "
+        lines.append(f"{r['method']:<{w}} {pct(r.get('source_acc_before')):>10} {pct(r.get('source_acc_after')):>10} "
                      f"{'—' if f is None else f'{f:.1f}':>10} {pct(r.get('target_acc')):>10} {r.get('seconds', 0):8.2f}")
     return "\n".join(lines)
 

@@ -1,16 +1,20 @@
-"""AdaptiveTrainer: learn a target task while rehearsing the source task, with the fused loss
-``alpha * CE(target) + (1 - alpha) * CE(source)``; and the class-balanced replay memory."""
+"""AdaptiveTrainer: learn a target task while keeping the source task, with the fused loss
+``alpha * loss_target + (1 - alpha) * loss_source``, the source term being cross-entropy on replayed
+source samples, distillation from the model as it was before (LwF), or both; and the class-balanced
+replay memory."""
 from __future__ import annotations
+
+import copy
 
 import torch
 from torch.utils.data import TensorDataset
 
-from fastadapt.ops.losses import alpha_weighted_cross_entropy
+from fastadapt.ops import alpha_weighted_cross_entropy, alpha_weighted_distillation
 from fastadapt.training.batches import PairedBatches
 from fastadapt.training.config import AdaptiveConfig, check_alpha
 from fastadapt.training.data import as_dataset, check_labels, feature_shape, tensors_of
 from fastadapt.training.loop import Trainer, ValSet, _logits_f32
-from fastadapt.training.surgery import get_head
+from fastadapt.training.surgery import get_head, load_state
 
 
 def replay_indices(labels: torch.Tensor, size: int, seed: int) -> torch.Tensor:
@@ -31,15 +35,19 @@ def replay_indices(labels: torch.Tensor, size: int, seed: int) -> torch.Tensor:
 
 
 class AdaptiveTrainer(Trainer):
-    """``fit(target_data, source_data, val_data=None, *, epochs, resume_from=None)``: trains on target
-    batches, each paired with a source batch (the source side cycles as often as needed).
+    """``fit(target_data, source_data=None, val_data=None, *, epochs, resume_from=None)``: trains on
+    target batches with the source term of ``config.strategy``. Replay pairs each target batch with a
+    source batch (the source side cycles as often as needed); LwF needs no source data: its teacher is
+    a frozen copy of the model taken when ``fit`` starts (kept in checkpoints, so a resume distils from
+    the same teacher).
 
     Options: :class:`~fastadapt.training.config.AdaptiveConfig` (``alpha``, a float in [0, 1] or
     ``callable(step) -> float`` evaluated at every optimizer step, alpha=1 being naive fine-tuning;
-    ``memory_size``, a replay memory of that many class-balanced source samples instead of all the
-    source data; and the TransferTrainer options). ``val_data={"source": ..., "target": ...}`` is
-    evaluated every epoch (default: the training sets); the History gets source_acc_before/after,
-    forgetting, bwt and target_acc.
+    ``strategy``, ``temperature``, ``distill_classes``; ``memory_size``, a replay memory of that many
+    class-balanced source samples instead of all the source data; and the TransferTrainer options).
+    ``val_data={"source": ..., "target": ...}`` is evaluated every epoch (default: the training sets;
+    under LwF the target set alone, unless a source set is given there); with a source set the History
+    gets source_acc_before/after, forgetting and bwt, and always target_acc.
     """
 
     Config = AdaptiveConfig
@@ -47,6 +55,8 @@ class AdaptiveTrainer(Trainer):
     def __init__(self, model, config=None, *, callbacks=(), **options):
         super().__init__(model, config, callbacks=callbacks, **options)
         self.memory: TensorDataset | None = None
+        self.teacher: torch.nn.Module | None = None
+        self._teacher_state = None  # a checkpoint's teacher, until on_fit_start rebuilds it
         # alpha for the loss: a float in eager mode (the loss keeps one tensor per value); under
         # compile=True a preallocated 0-dim tensor refilled in place, so a schedule does not recompile
         self._alpha_value = 0.0
@@ -63,50 +73,93 @@ class AdaptiveTrainer(Trainer):
         check_alpha(a, f" (alpha({step}) of the alpha schedule)")
         return float(a)
 
-    def prepare(self, target_data, source_data, val_data=None):
+    @property
+    def distill_classes(self) -> int:
+        """The head's first classes the teacher knows (AdaptiveConfig.distill_classes)."""
+        head = get_head(self.model)[1]
+        k = self.config.distill_classes or getattr(head, "grown_from", head.out_features)
+        if k > head.out_features:
+            raise ValueError(f"distill_classes={k} exceeds the {head.out_features} classes of the model's head")
+        return k
+
+    def prepare(self, target_data, source_data=None, val_data=None):
+        cfg = self.config
         target = self._training_set(target_data, "target_data")
-        source_shape = feature_shape(as_dataset(source_data, "source_data"))
-        if feature_shape(target) != source_shape:
-            raise ValueError(f"source_data has samples of shape {source_shape} but target_data has {feature_shape(target)}")
-        source = self._training_set(source_data, "source_data")
+        if cfg.replays and source_data is None:
+            raise ValueError(f"strategy={cfg.strategy!r} replays source samples: pass source_data (or use "
+                             f"strategy='lwf', which needs none)")
+        if not cfg.replays and source_data is not None:
+            raise ValueError("strategy='lwf' trains on the target data alone and takes no source_data; to measure "
+                             "forgetting pass the source set as val_data={'source': ..., 'target': ...}")
+        if cfg.replays:
+            source_shape = feature_shape(as_dataset(source_data, "source_data"))
+            if feature_shape(target) != source_shape:
+                raise ValueError(f"source_data has samples of shape {source_shape} but target_data has "
+                                 f"{feature_shape(target)}")
+            source = self._training_set(source_data, "source_data")
+        if cfg.distills:
+            _ = self.distill_classes  # checked before any training
         if val_data is None:
-            val_data = {"source": source_data, "target": target_data}
-        if not isinstance(val_data, dict) or set(val_data) != {"source", "target"}:
+            val_data = {"target": target_data} if source_data is None else {"source": source_data, "target": target_data}
+        sides = ({"source", "target"},) if cfg.replays else ({"source", "target"}, {"target"})
+        if not isinstance(val_data, dict) or set(val_data) not in sides:
             got = sorted(val_data) if isinstance(val_data, dict) else type(val_data).__name__
-            raise ValueError(f"val_data must be a dict with keys 'source' and 'target', got {got}")
+            alone = "" if cfg.replays else " (or 'target' alone)"
+            raise ValueError(f"val_data must be a dict with keys 'source' and 'target'{alone}, got {got}")
         val = {f"{side}_": ValSet(val_data[side], self._checked_dataset(val_data[side], f"val_data[{side!r}]"))
-               for side in ("source", "target")}
-        replay, replay_data = source, source_data
-        if self.config.memory_size is not None:
-            if self.config.memory_size > len(source):
-                raise ValueError(f"memory_size={self.config.memory_size} exceeds the {len(source)} samples of "
-                                 f"source_data")
-            X, y = tensors_of(source)
-            keep = replay_indices(y, self.config.memory_size, self.config.seed or 0)
-            self.memory = replay = replay_data = TensorDataset(X[keep], y[keep])
+               for side in ("source", "target") if side in val_data}
         targets = self.batches_for(target_data, target)
-        sources = self.batches_for(replay_data, replay, batch_size=min(targets.batch_size or self.config.batch_size,
+        if not cfg.replays:
+            return targets, val
+        replay, replay_data = source, source_data
+        if cfg.memory_size is not None:
+            if cfg.memory_size > len(source):
+                raise ValueError(f"memory_size={cfg.memory_size} exceeds the {len(source)} samples of source_data")
+            X, y = tensors_of(source)
+            keep = replay_indices(y, cfg.memory_size, cfg.seed or 0)
+            self.memory = replay = replay_data = TensorDataset(X[keep], y[keep])
+        sources = self.batches_for(replay_data, replay, batch_size=min(targets.batch_size or cfg.batch_size,
                                                                        len(replay)))
         return PairedBatches(targets, sources), val
 
     def step(self, batch):
-        x, y, ns = batch  # the source rows first (PairedBatches)
+        x, y, ns = batch if len(batch) == 3 else (*batch, 0)  # replayed source rows first (PairedBatches)
         if self.check_batch_labels:
             num_classes = get_head(self.model)[1].out_features
             check_labels(y[:ns], num_classes, "source_data")
             check_labels(y[ns:], num_classes, "target_data")
         # one forward over both batches: one DDP gradient sync and one pass through the layers
         logits = _logits_f32(self._net(x))
-        loss = alpha_weighted_cross_entropy(logits[:ns], y[:ns], logits[ns:], y[ns:],
-                                            self._alpha if self.config.compile else self._alpha_value)
+        cfg = self.config
+        alpha = self._alpha if cfg.compile else self._alpha_value
+        if not cfg.distills:
+            loss = alpha_weighted_cross_entropy(logits[:ns], y[:ns], logits[ns:], y[ns:], alpha)
+        elif not cfg.replays:
+            loss = alpha_weighted_distillation(logits, y, self._teacher_logits(x), alpha, cfg.temperature)
+        else:
+            # the source term is the replayed rows' cross-entropy plus the distillation of every row
+            # (alpha=0: the distillation op evaluates its distillation term alone)
+            distill = alpha_weighted_distillation(logits, y, self._teacher_logits(x), 0.0, cfg.temperature)
+            source_weight = (1.0 - alpha).to(distill.dtype) if isinstance(alpha, torch.Tensor) else 1.0 - alpha
+            loss = alpha_weighted_cross_entropy(logits[:ns], y[:ns], logits[ns:], y[ns:], alpha) + source_weight * distill
         hits = logits.argmax(-1) == y
         nt = len(y) - ns
-        return loss, {"loss": loss.detach() * nt, "correct": hits[ns:].sum(), "count": nt,
-                      "source_correct": hits[:ns].sum(), "source_count": ns}
+        metrics = {"loss": loss.detach() * nt, "correct": hits[ns:].sum(), "count": nt}
+        if ns:
+            metrics.update(source_correct=hits[:ns].sum(), source_count=ns)
+        return loss, metrics
+
+    @torch.no_grad()
+    def _teacher_logits(self, x):
+        """The frozen teacher's logits of the classes it knows."""
+        teacher = _logits_f32(self.teacher(x))
+        return teacher if self._distill_k == teacher.shape[-1] else teacher[:, :self._distill_k]
 
     def epoch_logs(self, s):
-        return {"loss": s["loss"] / s["count"], "acc": s["correct"] / s["count"],
-                "source_acc": s["source_correct"] / s["source_count"]}
+        logs = {"loss": s["loss"] / s["count"], "acc": s["correct"] / s["count"]}
+        if "source_count" in s:
+            logs["source_acc"] = s["source_correct"] / s["source_count"]
+        return logs
 
     def on_step_start(self):
         if callable(self.config.alpha):
@@ -120,9 +173,30 @@ class AdaptiveTrainer(Trainer):
     def on_fit_start(self, resuming):
         if not callable(self.config.alpha):
             self._set_alpha(float(self.config.alpha))
-        if not resuming:
+        if self.config.distills:
+            self._make_teacher()
+        if not resuming and "source_" in self._val_sets:
             self.history.source_acc_before = self._evaluate(self._val_sets["source_"])["acc"]
 
+    def _make_teacher(self):
+        """The frozen teacher: the model as it is now, or as it was when a resumed run started."""
+        self.teacher = copy.deepcopy(self.model).eval().requires_grad_(False)
+        if self._teacher_state is not None:
+            load_state(self.teacher, self._teacher_state, source="the checkpoint's teacher")
+            self._teacher_state = None
+        self._distill_k = self.distill_classes
+
     def on_fit_end(self):
-        self.history.source_acc_after = self._evaluate(self._val_sets["source_"])["acc"]
+        if "source_" in self._val_sets:
+            self.history.source_acc_after = self._evaluate(self._val_sets["source_"])["acc"]
         self.history.target_acc = self._evaluate(self._val_sets["target_"])["acc"]
+
+    def _trainer_state(self) -> dict:
+        state = super()._trainer_state()
+        if self.teacher is not None:
+            state["teacher"] = self.teacher.state_dict()
+        return state
+
+    def _restore(self, state):
+        self._teacher_state = state.get("teacher")
+        super()._restore(state)

@@ -12,6 +12,7 @@ from fastadapt.training import distributed as dist
 OPTIMIZERS = ("adamw", "adam", "sgd")
 PRECISIONS = ("32", "bf16")
 SCHEDULERS = (None, "constant", "cosine")
+STRATEGIES = ("replay", "lwf", "replay+lwf")
 
 
 def positive_int(name, v):
@@ -86,11 +87,29 @@ class TrainConfig:
 @dataclasses.dataclass
 class AdaptiveConfig(TrainConfig):
     """``alpha``: the target weight in [0, 1], or ``callable(step) -> float`` evaluated at every
-    optimizer step (alpha=1 is naive fine-tuning). ``memory_size``: a replay memory of that many
-    class-balanced source samples instead of the whole source stream (None)."""
+    optimizer step (alpha=1 is naive fine-tuning). ``strategy``: what the source term ``1 - alpha``
+    weighs: ``"replay"``, cross-entropy on replayed source samples; ``"lwf"`` (Learning without
+    Forgetting), ``T^2 * KL(teacher || model)`` at ``temperature`` T on the target inputs, the teacher
+    being the model as it was when ``fit`` started, so no source sample is stored; ``"replay+lwf"``,
+    both: the replayed samples' cross-entropy plus the distillation of target and replayed samples
+    (weighted ``1 - alpha`` each). ``distill_classes``:
+    how many of the head's first classes the teacher knows (default: the head's size before its last
+    ``extend_head``, else all). ``memory_size``: a replay memory of that many class-balanced source
+    samples instead of the whole source stream (None)."""
 
     alpha: float | Callable = 0.5
+    strategy: str = "replay"
+    temperature: float = 2.0
+    distill_classes: int | None = None
     memory_size: int | None = None
+
+    @property
+    def distills(self) -> bool:
+        return self.strategy != "replay"
+
+    @property
+    def replays(self) -> bool:
+        return self.strategy != "lwf"
 
     def __post_init__(self):
         super().__post_init__()
@@ -101,6 +120,14 @@ class AdaptiveConfig(TrainConfig):
         m = self.memory_size
         if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
             raise ValueError(f"memory_size must be None or a positive int, got {m!r}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {list(STRATEGIES)}, got {self.strategy!r}")
+        _positive_number("temperature", self.temperature)
+        if self.distill_classes is not None:
+            positive_int("distill_classes", self.distill_classes)
+        if not self.replays and m is not None:
+            raise ValueError(f"memory_size={m!r} but strategy='lwf' stores no source samples; use "
+                             f"strategy='replay+lwf' to replay a memory as well")
 
 
 def resolve_device(device) -> torch.device:

@@ -118,7 +118,8 @@ def replace_head(model: nn.Module, num_classes: int) -> nn.Module:
 
 def extend_head(model: nn.Module, num_new_classes: int) -> nn.Module:
     """Adds ``num_new_classes`` outputs after the existing ones; the old class rows are copied
-    unchanged, so class ``k`` keeps its index and its learned weights."""
+    unchanged, so class ``k`` keeps its index and its learned weights. The new head's ``grown_from``
+    attribute records the old class count (AdaptiveTrainer's LwF distils those classes only)."""
     _check_count("num_new_classes", num_new_classes)
     name, old = get_head(model)
     new = nn.Linear(old.in_features, old.out_features + num_new_classes, bias=old.bias is not None,
@@ -130,6 +131,8 @@ def extend_head(model: nn.Module, num_new_classes: int) -> nn.Module:
     new.weight.requires_grad_(old.weight.requires_grad)
     if new.bias is not None:
         new.bias.requires_grad_(old.bias.requires_grad)
+    # what the head knew before it grew: the classes an LwF teacher snapshot of this model can distil
+    new.grown_from = old.out_features
     _set_head(model, name, new)
     return model
 
