@@ -814,6 +814,20 @@ def test_torch_compile_fullgraph_soft_targets_and_class_weights(backend, compile
             torch.testing.assert_close(g, t.grad, rtol=1e-5, atol=1e-7)
 
 
+def test_module_takes_soft_targets_and_class_weights(backend):
+    sl, sy = make_kind("soft", 10, 7, "cpu")
+    tl, ty = make_kind("index", 12, 5, "cpu")
+    sw, tw = class_weights(7, "cpu", torch.float32), class_weights(5, "cpu", torch.float32)
+    mod = fastadapt.AlphaWeightedLoss(alpha=0.3, kind="cross_entropy", source_weight=sw, target_weight=tw,
+                                      label_smoothing=0.05)
+    got = mod(sl, sy, tl, ty)
+    ref = ce_oracle(sl.detach().double(), sy.detach().double(), tl.detach().double(), ty, 0.3, label_smoothing=0.05,
+                    source_weight=sw.double(), target_weight=tw.double())
+    assert_close(got, ref, torch.float32, "module loss")
+    assert torch.equal(got, fastadapt.alpha_weighted_cross_entropy(sl, sy, tl, ty, 0.3, source_weight=sw,
+                                                                   target_weight=tw, label_smoothing=0.05))
+
+
 def _soft_good():
     sl, sy = make_kind("soft", 4, 5, "cpu")
     tl, ty = make_side(3, 6, "cpu", torch.float32)
