@@ -403,6 +403,14 @@ def test_direct_op_call_is_memory_safe():
         op(sl, torch.tensor([0, 1]), tl, ty, a, -100, 0.0, 1)
     with pytest.raises(RuntimeError, match="share a dtype"):
         op(sl, sy, tl.double(), ty, a, -100, 0.0, 1)
+    with pytest.raises(RuntimeError, match="one value per class"):
+        op(sl, sy, tl, ty, a, -100, 0.0, 1, torch.ones(4), None)
+    with pytest.raises(IndexError, match="label 9 at flat position 1"):  # before weight[9] is read
+        op(sl, torch.tensor([0, 9, 1, 2]), tl, ty, a, -100, 0.0, 1, torch.ones(5), None)
+    with pytest.raises(RuntimeError, match="probability targets must have the logits' shape and dtype"):
+        op(sl, torch.rand(4, 4), tl, ty, a, -100, 0.0, 1)
+    with pytest.raises(RuntimeError, match="probability targets must have the logits' shape and dtype"):
+        op(sl, torch.rand(4, 5, dtype=torch.float64), tl, ty, a, -100, 0.0, 1)
 
 
 # ---- regressions: defects found by PyTorch's own sample inputs (issue 10) -------------------------

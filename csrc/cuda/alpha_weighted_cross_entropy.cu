@@ -12,13 +12,13 @@
 //             forward for the gradient on a GPU: it would cost an N*C write that the backward then
 //             overwrites, and re-reading the logits runs at HBM speed.
 // Each side has its own launch, with a row handled by 4 threads (C <= 8 vectors), a warp (C <= 512
-// vectors) or a 512-thread block, chosen from that side's C. A side with class weights or probability
-// targets takes simpler kernels instead (ce_weighted_*: a warp per row, element by element). 16-byte vector loads and stores after a
+// vectors) or a 512-thread block, chosen from that side's C. 16-byte vector loads and stores after a
 // scalar head that brings the row pointer to 16-byte alignment, so any row stride works; all offsets
-// are int64.
+// are int64. A side with class weights or probability targets takes simpler kernels instead
+// (ce_weighted_*: a warp per row, element by element).
 //
-// Nothing here synchronises with the host: the divisors, the scalar grad_output and a device alpha are read
-// by the kernels. Hence two device-side conventions:
+// Nothing here synchronises with the host: the divisors of the mean, the scalar grad_output and a
+// device alpha are read by the kernels. Hence two device-side conventions:
 //   * a label outside [0, C) that is not ignore_index cannot raise without a host sync (and a device
 //     assert would kill the CUDA context), so that row's loss and lse become NaN: the reduced loss is
 //     NaN and the row's gradient is NaN (with class weights the mean's divisor is NaN too: the label
