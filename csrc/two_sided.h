@@ -145,7 +145,8 @@ inline CeSide make_ce_side(const at::Tensor& logits, const at::Tensor& labels,
   }
   d.logits = l2;
   d.row_stride = d.rows > 1 ? l2.stride(0) : d.classes;
-  d.labels = d.soft ? labels.reshape({d.rows, d.classes}).contiguous() : labels.reshape({d.rows}).to(at::kLong).contiguous();
+  d.labels = d.soft ? labels.reshape({d.rows, d.classes}).contiguous()
+                     : labels.reshape({d.rows}).to(at::kLong).contiguous();
   if (weight.has_value() && weight->defined()) {
     TORCH_CHECK(weight->dim() == 1 && weight->numel() == d.classes && weight->device() == logits.device(),
                 "weight must be one value per class, on the logits' device");

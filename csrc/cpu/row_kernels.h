@@ -38,7 +38,8 @@ struct LossRowFns {
   //   probs: sum_c w[c] * ((1 - eps) * t[c] + eps/C) * (lse - x[c])
   // Both have the gradient scale * (K * softmax(x) - q) with q[c] = w[c] * ((1 - eps) * t[c] + eps/C)
   // (t the one-hot of y for an index) and K = sum(q), written when grad is non-null, as by ce_row.
-  // These rows are the less common case: vectorised where ce_row is, the sums over t and w scalar.
+  // These rows are the less common case: the max and the exponentials are vectorised as in ce_row,
+  // the sums over t and w and the gradient pass are scalar.
   T (*ce_weighted_row)(const T* x, int64_t C, int64_t y, const T* t, const T* w, T eps, T* grad, T scale,
                        double* lse);
   // That gradient from a saved log-sum-exp.

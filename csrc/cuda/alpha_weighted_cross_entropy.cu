@@ -356,7 +356,8 @@ constexpr int kWeightedBlock = 256;
 
 template <typename scalar_t>
 __device__ __forceinline__ double loss_coef(const CeSideDev& d, const scalar_t* t, int64_t col, double eps) {
-  const double wc = d.class_weight ? static_cast<double>(static_cast<const acc_t<scalar_t>*>(d.class_weight)[col]) : 1.0;
+  const auto* cw = static_cast<const acc_t<scalar_t>*>(d.class_weight);
+  const double wc = cw ? static_cast<double>(cw[col]) : 1.0;
   return t ? wc * ((1.0 - eps) * static_cast<double>(t[col]) + eps / static_cast<double>(d.classes)) : wc;
 }
 

@@ -279,7 +279,8 @@ T ce_weighted_row(const T* x, int64_t C, int64_t y, const T* t, const T* w, T ep
     return nan;
   }
   T* e_row = grad ? scratch_row<T>(C) : nullptr;
-  const T s = grad ? exp_sum<T, true, false>(x, C, m, e_row, nullptr) : exp_sum<T, false, false>(x, C, m, nullptr, nullptr);
+  const T s = grad ? exp_sum<T, true, false>(x, C, m, e_row, nullptr)
+                   : exp_sum<T, false, false>(x, C, m, nullptr, nullptr);
   const T ls = std::log(s);
   *lse_out = double(m) + double(ls);
   const double off = double(eps) / double(C), keep = 1.0 - double(eps);
