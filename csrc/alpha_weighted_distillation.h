@@ -76,7 +76,8 @@ inline DistillCall make_distill_call(const at::Tensor& logits, const at::Tensor&
   TORCH_CHECK(temperature > 0.0 && std::isfinite(temperature), "temperature must be finite and > 0, got ",
               temperature);
   DistillCall d;
-  d.student = make_ce_side(logits, labels);
+  d.student = make_ce_side(logits, labels, std::nullopt);
+  TORCH_CHECK(!d.student.soft, "labels must be class indices (the distillation kernels read no probability targets)");
   const int64_t K = teacher.dim() >= 1 ? teacher.size(-1) : 0;
   TORCH_CHECK(teacher.dim() == logits.dim() && teacher.sizes().slice(0, teacher.dim() - 1) ==
                                                    logits.sizes().slice(0, logits.dim() - 1) &&

@@ -107,30 +107,51 @@ at::Tensor grad_buffer(GradPlan plan, at::IntArrayRef sizes, const at::TensorOpt
 }
 
 // One side of a cross-entropy call as the kernels read it: logits as (rows, classes) with unit class
-// stride (a copy only when the caller's layout allows no such view) and contiguous int64 labels.
+// stride (a copy only when the caller's layout allows no such view); labels either contiguous int64
+// class indices (rows) or, when `soft`, contiguous probability targets (rows, classes) in the logits'
+// dtype; and the optional class weights (classes), contiguous, in the accumulation type (undefined
+// when there are none).
 struct CeSide {
-  at::Tensor logits, labels;
-  std::vector<int64_t> logits_sizes, label_sizes;
+  at::Tensor logits, labels, class_weight;
+  std::vector<int64_t> logits_sizes, label_sizes;  // label_sizes: the shape of a per-row loss
   int64_t rows = 0, classes = 0, row_stride = 0;
+  bool soft = false;
 };
 
-// logits (..., C) and labels (...): the Python layer has already moved the class dimension last.
-inline CeSide make_ce_side(const at::Tensor& logits, const at::Tensor& labels) {
-  TORCH_CHECK(logits.dim() >= 1 && labels.numel() * logits.size(-1) == logits.numel() &&
-                  (logits.size(-1) > 0 || labels.numel() == 0),
-              "logits must be (..., C) with one label per row");
+// logits (..., C) with labels (...) or probability targets (..., C): the Python layer has already
+// moved the class dimension last. weight: (C,) on the logits' device, or none.
+inline CeSide make_ce_side(const at::Tensor& logits, const at::Tensor& labels,
+                           const std::optional<at::Tensor>& weight) {
+  TORCH_CHECK(logits.dim() >= 1, "logits must be (..., C)");
   CeSide d;
+  d.soft = labels.is_floating_point();
   d.classes = logits.size(-1);
-  d.rows = labels.numel();
   d.logits_sizes = logits.sizes().vec();
-  d.label_sizes = labels.sizes().vec();
+  if (d.soft) {
+    TORCH_CHECK(labels.sizes() == logits.sizes() && labels.scalar_type() == logits.scalar_type(),
+                "probability targets must have the logits' shape and dtype");
+    d.label_sizes.assign(d.logits_sizes.begin(), d.logits_sizes.end() - 1);
+    d.rows = 1;
+    for (int64_t s : d.label_sizes) d.rows *= s;
+  } else {
+    d.label_sizes = labels.sizes().vec();
+    d.rows = labels.numel();
+    TORCH_CHECK(d.rows * d.classes == logits.numel(), "logits must be (..., C) with one label per row");
+  }
+  TORCH_CHECK(d.classes > 0 || d.rows == 0, "logits with 0 classes must have 0 rows");
   at::Tensor l2 = logits.reshape({d.rows, d.classes});
   if (d.rows > 0 && d.classes > 0 && (l2.stride(1) != 1 || (d.rows > 1 && l2.stride(0) < d.classes))) {
     l2 = l2.contiguous();
   }
   d.logits = l2;
   d.row_stride = d.rows > 1 ? l2.stride(0) : d.classes;
-  d.labels = labels.reshape({d.rows}).to(at::kLong).contiguous();
+  d.labels = d.soft ? labels.reshape({d.rows, d.classes}).contiguous()
+                     : labels.reshape({d.rows}).to(at::kLong).contiguous();
+  if (weight.has_value() && weight->defined()) {
+    TORCH_CHECK(weight->dim() == 1 && weight->numel() == d.classes && weight->device() == logits.device(),
+                "weight must be one value per class, on the logits' device");
+    d.class_weight = weight->to(at::toOpMathType(logits.scalar_type())).contiguous();
+  }
   return d;
 }
 

@@ -35,12 +35,13 @@ def check(name, got, want, atol, rtol):
 # spell their schemas. Forward -> (source_term, target_term, saved, source_grad, target_grad); backward
 # scales each side by its own grad_output.
 def ce_fwd(sl, sy, tl, ty, a, eps=0.0, reduction=1):
-    return ops._alpha_weighted_cross_entropy_forward(sl, sy, tl, ty, a, -100, eps, reduction, [False, False])
+    return ops._alpha_weighted_cross_entropy_forward(sl, sy, tl, ty, a, -100, eps, reduction, None, None,
+                                                     [False, False])
 
 
 def ce_bwd(fwd, g_s, g_t, sl, sy, tl, ty, a, eps=0.0, reduction=1):
     return ops._alpha_weighted_cross_entropy_backward(g_s, g_t, sl, sy, tl, ty, a, fwd[2], -100, eps, reduction,
-                                                      [True, True])
+                                                      None, None, [True, True])
 
 
 def tolerances(dtype):

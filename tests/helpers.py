@@ -49,17 +49,23 @@ def use_backend(name):
         _extension._C, _extension._warned = saved
 
 
-def ce_oracle(sl, sy, tl, ty, alpha, *, ignore_index=-100, label_smoothing=0.0, reduction="mean", class_dim=1):
+def ce_oracle(sl, sy, tl, ty, alpha, *, ignore_index=-100, label_smoothing=0.0, reduction="mean", class_dim=1,
+              source_weight=None, target_weight=None):
     """``alpha * F.cross_entropy(target) + (1 - alpha) * F.cross_entropy(source)`` from PyTorch's own op on the
-    given (float64) logits; a side whose weight is 0 is not evaluated. (source, target) for reduction none."""
+    given (float64) logits, with each side's class weights; labels are class indices or probability
+    targets. A side whose weight is 0 is not evaluated. (source, target) for reduction none."""
     terms = []
-    for w, logits, labels in ((1.0 - float(alpha), sl, sy), (float(alpha), tl, ty)):
+    for w, logits, labels, cw in ((1.0 - float(alpha), sl, sy, source_weight), (float(alpha), tl, ty, target_weight)):
+        soft = labels.is_floating_point()
+        if class_dim == -1 and logits.dim() > 1:
+            logits, labels = logits.movedim(-1, 1), labels.movedim(-1, 1) if soft else labels
         if w == 0:
-            terms.append(logits.new_zeros(labels.shape if reduction == "none" else ()))
+            rows = labels.shape if not soft else logits.shape[:1] + logits.shape[2:] if logits.dim() > 1 else ()
+            terms.append(logits.new_zeros(rows if reduction == "none" else ()))
             continue
-        x = logits.movedim(-1, 1) if class_dim == -1 and logits.dim() > 1 else logits
-        terms.append(w * F.cross_entropy(x, labels.long(), ignore_index=ignore_index, label_smoothing=label_smoothing,
-                                         reduction=reduction))
+        terms.append(w * F.cross_entropy(logits, labels if soft else labels.long(),
+                                         weight=None if cw is None else cw.to(logits.dtype), ignore_index=ignore_index,
+                                         label_smoothing=label_smoothing, reduction=reduction))
     return tuple(terms) if reduction == "none" else terms[0] + terms[1]
 
 

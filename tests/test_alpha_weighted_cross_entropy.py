@@ -28,22 +28,35 @@ def make_side(n, c, device, dtype, ignore_frac=0.0, label_dtype=torch.int64, lay
     return logits.requires_grad_(), labels.to(label_dtype)
 
 
-def run_both(sl, sy, tl, ty, alpha, reduction, label_smoothing=0.0, ignore_index=-100, grad_scale=1.7, class_dim=1):
-    """Loss and gradients from fastadapt and from the float64 reference."""
+def _f64(t, requires_grad=False):
+    """A float64 leaf copy of t (requiring grad where t does, or when asked); integer labels as they are."""
+    if t is None or not t.is_floating_point():
+        return t
+    return t.detach().double().requires_grad_(requires_grad or t.requires_grad)
+
+
+def run_both(sl, sy, tl, ty, alpha, reduction, label_smoothing=0.0, ignore_index=-100, grad_scale=1.7, class_dim=1,
+             source_weight=None, target_weight=None):
+    """Loss and gradients from fastadapt and from the float64 reference: of the two logits, then of the
+    probability targets that require grad."""
     kw = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, reduction=reduction, class_dim=class_dim)
-    out = fastadapt.alpha_weighted_cross_entropy(sl, sy, tl, ty, alpha, **kw)
-    sl64 = sl.detach().double().requires_grad_()
-    tl64 = tl.detach().double().requires_grad_()
-    ref = ce_oracle(sl64, sy, tl64, ty, alpha, **kw)
+    out = fastadapt.alpha_weighted_cross_entropy(sl, sy, tl, ty, alpha, source_weight=source_weight,
+                                                 target_weight=target_weight, **kw)
+    sl64, tl64, sy64, ty64 = _f64(sl, True), _f64(tl, True), _f64(sy), _f64(ty)
+    ref = ce_oracle(sl64, sy64, tl64, ty64, alpha, source_weight=_f64(source_weight),
+                    target_weight=_f64(target_weight), **kw)
     if reduction == "none":
-        ws = torch.randn(sy.shape, dtype=torch.float64, device=sy.device)
-        wt = torch.randn(ty.shape, dtype=torch.float64, device=ty.device)
+        ws = torch.randn(out[0].shape, dtype=torch.float64, device=sl.device)
+        wt = torch.randn(out[1].shape, dtype=torch.float64, device=tl.device)
         ((out[0].double() * ws).sum() + (out[1].double() * wt).sum()).backward()
         ((ref[0] * ws).sum() + (ref[1] * wt).sum()).backward()
     else:
         (out * grad_scale).backward()
         (ref * grad_scale).backward()
-    return out, ref, (grad_or_zeros(sl), grad_or_zeros(tl)), (grad_or_zeros(sl64), grad_or_zeros(tl64))
+    targets = [(y, y64) for y, y64 in ((sy, sy64), (ty, ty64)) if y.requires_grad]
+    grads = [grad_or_zeros(sl), grad_or_zeros(tl)] + [grad_or_zeros(y) for y, _ in targets]
+    ref_grads = [grad_or_zeros(sl64), grad_or_zeros(tl64)] + [grad_or_zeros(y64) for _, y64 in targets]
+    return out, ref, grads, ref_grads
 
 
 def check(out, ref, grads, ref_grads, dtype, reduction):
@@ -56,8 +69,9 @@ def check(out, ref, grads, ref_grads, dtype, reduction):
         assert out.dtype == dtype and out.shape == ()
         r = float(ref.detach())
         assert_close(out, ref, dtype, "loss", scale=max(1.0, abs(r)) if math.isfinite(r) else 1.0)
-    assert_close(grads[0], ref_grads[0], dtype, "source grad")
-    assert_close(grads[1], ref_grads[1], dtype, "target grad")
+    assert len(grads) == len(ref_grads)
+    for i, (g, r) in enumerate(zip(grads, ref_grads)):
+        assert_close(g, r, dtype, ("source logits grad", "target logits grad")[i] if i < 2 else "probability target grad")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -276,7 +290,7 @@ def _op_args(requires_grad, reduction=1):
     tl, ty = make_side(5, 4, "cpu", torch.float32, 0.3)
     sl = sl.detach().requires_grad_(requires_grad)
     tl = tl.detach().requires_grad_(requires_grad)
-    return (sl, sy, tl, ty, torch.tensor(0.4, dtype=torch.float64), -100, 0.1, reduction)
+    return (sl, sy, tl, ty, torch.tensor(0.4, dtype=torch.float64), -100, 0.1, reduction, None, None)
 
 
 @pytest.mark.skipif(not fastadapt.has_ops(), reason="compiled extension not loaded")
@@ -335,8 +349,8 @@ def _good():
     [
         (lambda a: a.__setitem__(1, torch.zeros(5, dtype=torch.long)), {}, ValueError, r"source_labels has shape \(5,\)"),
         (lambda a: a.__setitem__(3, torch.zeros(3, 2, dtype=torch.long)), {}, ValueError, r"target_labels has shape"),
-        (lambda a: a.__setitem__(1, a[1].float()), {}, TypeError, r"source_labels must have an integer dtype \(class indices\), got torch.float32"),
-        (lambda a: a.__setitem__(3, a[3].bool()), {}, TypeError, r"target_labels must have an integer dtype"),
+        (lambda a: a.__setitem__(1, a[1].float()), {}, ValueError, r"source_labels holds probability targets \(dtype torch.float32\), so it must have the shape of source_logits, \(4, 5\), got \(4,\)"),
+        (lambda a: a.__setitem__(3, a[3].bool()), {}, TypeError, r"target_labels must hold class indices \(an integer dtype\) or probability targets"),
         (lambda a: a.__setitem__(0, a[0].detach().long()), {}, TypeError, r"source_logits must be a floating tensor.*int64"),
         (lambda a: a.__setitem__(2, a[2].detach().half()), {}, TypeError, r"target_logits must be a floating tensor.*float16"),
         (lambda a: a.__setitem__(2, a[2].detach().double()), {}, TypeError, r"target_logits has dtype torch.float64 but source_logits"),
@@ -389,6 +403,14 @@ def test_direct_op_call_is_memory_safe():
         op(sl, torch.tensor([0, 1]), tl, ty, a, -100, 0.0, 1)
     with pytest.raises(RuntimeError, match="share a dtype"):
         op(sl, sy, tl.double(), ty, a, -100, 0.0, 1)
+    with pytest.raises(RuntimeError, match="one value per class"):
+        op(sl, sy, tl, ty, a, -100, 0.0, 1, torch.ones(4), None)
+    with pytest.raises(IndexError, match="label 9 at flat position 1"):  # before weight[9] is read
+        op(sl, torch.tensor([0, 9, 1, 2]), tl, ty, a, -100, 0.0, 1, torch.ones(5), None)
+    with pytest.raises(RuntimeError, match="probability targets must have the logits' shape and dtype"):
+        op(sl, torch.rand(4, 4), tl, ty, a, -100, 0.0, 1)
+    with pytest.raises(RuntimeError, match="probability targets must have the logits' shape and dtype"):
+        op(sl, torch.rand(4, 5, dtype=torch.float64), tl, ty, a, -100, 0.0, 1)
 
 
 # ---- regressions: defects found by PyTorch's own sample inputs (issue 10) -------------------------
@@ -554,12 +576,300 @@ def test_per_row_grad_output_is_not_rounded_to_the_input_dtype(device):
     x = (torch.randn(64, 40, device=device) * 3).bfloat16()
     y = torch.randint(0, 40, (64,), device=device)
     a = torch.tensor(0.5, dtype=torch.float64)
-    fwd = torch.ops.fastadapt._alpha_weighted_cross_entropy_forward(x, y, x, y, a, -100, 0.0, 0, [False, False])
+    fwd = torch.ops.fastadapt._alpha_weighted_cross_entropy_forward(x, y, x, y, a, -100, 0.0, 0, None, None,
+                                                                    [False, False])
     g = 1 + torch.rand(64, device=device) * 2 ** -7  # between bf16 neighbours of 1
     exact = 0.5 * g.double()[:, None] * (torch.softmax(x.double(), -1) - F.one_hot(y, 40).double())
     err = lambda grad: (grad.double() - exact).abs().max().item()  # noqa: E731
     bwd = torch.ops.fastadapt._alpha_weighted_cross_entropy_backward
-    ours = bwd(g, None, x, y, x, y, a, fwd[2], -100, 0.0, 0, [True, False])[0]
-    rounded = bwd(g.bfloat16(), None, x, y, x, y, a, fwd[2], -100, 0.0, 0, [True, False])[0]
+    ours = bwd(g, None, x, y, x, y, a, fwd[2], -100, 0.0, 0, None, None, [True, False])[0]
+    rounded = bwd(g.bfloat16(), None, x, y, x, y, a, fwd[2], -100, 0.0, 0, None, None, [True, False])[0]
     assert err(ours) <= err(rounded)
     assert err(ours) <= 2 ** -8 * exact.abs().max().item()
+
+
+# ---- probability targets and class weights (F.cross_entropy's `target` of probabilities, `weight`) ----
+
+def soft_targets(shape, device, dtype, requires_grad=False):
+    """Rows of probabilities along the last dimension (a softmax of random scores), with some exact zeros."""
+    t = torch.softmax(torch.randn(shape, device=device) * 2, -1)
+    t = t * (torch.rand(shape, device=device) > 0.2)  # rows need not sum to 1: F does not ask it either
+    return t.to(dtype).requires_grad_(requires_grad)
+
+
+def class_weights(c, device, dtype):
+    return (torch.rand(c, device=device) * 2 + 0.1).to(dtype)
+
+
+# Each side: "index" (class indices, some ignored), "soft" (probability targets that require grad).
+SIDE_KINDS = {
+    "soft+index": ("soft", "index"),
+    "index+soft": ("index", "soft"),
+    "soft+soft": ("soft", "soft"),
+    "index+index": ("index", "index"),
+}
+
+
+def make_kind(kind, n, c, device, dtype=torch.float32, ignore_frac=0.3):
+    logits, labels = make_side(n, c, device, dtype, ignore_frac=ignore_frac)
+    if kind == "soft":
+        labels = soft_targets((n, c), device, dtype, requires_grad=True)
+    return logits, labels
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n", [0, 1, 3, 33])
+@pytest.mark.parametrize("c", [1, 3, 33])
+@pytest.mark.parametrize("kinds", list(SIDE_KINDS))
+@pytest.mark.parametrize("weights", ["both", "source", "none"])
+def test_soft_targets_and_class_weights(backend, device, n, c, kinds, weights):
+    ks, kt = SIDE_KINDS[kinds]
+    sl, sy = make_kind(ks, n, c, device)
+    tl, ty = make_kind(kt, n + 2, c + 1, device)
+    sw = class_weights(c, device, torch.float32) if weights in ("both", "source") else None
+    tw = class_weights(c + 1, device, torch.float32) if weights == "both" else None
+    for reduction in REDUCTIONS:
+        for eps in (0.0, 0.15):
+            for t in (sl, tl, sy, ty):
+                t.grad = None
+            check(*run_both(sl, sy, tl, ty, 0.37, reduction, label_smoothing=eps, source_weight=sw,
+                            target_weight=tw), torch.float32, reduction)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_soft_targets_and_class_weights_wide_rows(backend, device, reduction):
+    """A 32001-class vocabulary: the wide-row path of the kernels, with weights on both kinds of side."""
+    sl, sy = make_kind("soft", 5, 32001, device)
+    tl, ty = make_kind("index", 7, 32001, device)
+    w = class_weights(32001, device, torch.float32)
+    check(*run_both(sl, sy, tl, ty, 0.4, reduction, label_smoothing=0.1, source_weight=w, target_weight=w),
+          torch.float32, reduction)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
+def test_class_weights_with_ignored_rows(backend, device, label_smoothing):
+    """mean divides by the sum of the labels' weights over the rows not ignored, as F; all rows ignored
+    gives NaN for mean (0 / 0, as F) and 0 for sum."""
+    sl, sy = make_side(40, 9, device, torch.float32, ignore_frac=0.5)
+    tl, ty = make_side(12, 9, device, torch.float32)
+    w = class_weights(9, device, torch.float32)
+    for reduction in REDUCTIONS:
+        sl.grad = tl.grad = None
+        check(*run_both(sl, sy, tl, ty, 0.5, reduction, label_smoothing, source_weight=w, target_weight=w),
+              torch.float32, reduction)
+    ty[:] = -100
+    for reduction in ("mean", "sum"):
+        out = fastadapt.alpha_weighted_cross_entropy(sl, sy, tl, ty, 0.5, reduction=reduction,
+                                                     label_smoothing=label_smoothing, source_weight=w, target_weight=w)
+        ref = ce_oracle(sl.detach().double(), sy, tl.detach().double(), ty, 0.5, reduction=reduction,
+                        label_smoothing=label_smoothing, source_weight=w.double(), target_weight=w.double())
+        assert torch.isnan(ref) == (reduction == "mean")
+        assert_close(out, ref, torch.float32, f"all target rows ignored, {reduction}",
+                     scale=1.0 if reduction == "mean" else abs(float(ref)) + 1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_soft_targets_class_dim_1_and_class_last(backend, device, reduction):
+    """(N, C, d) probability targets with class_dim=1 (F's layout, moved class-last together with the
+    logits) and (B, T, V) ones with class_dim=-1; class weights on one side."""
+    x = torch.randn(3, 7, 5, device=device) * 3
+    p = soft_targets((3, 5, 7), device, torch.float32).movedim(-1, 1)  # rows of probabilities along dim 1
+    w = class_weights(7, device, torch.float32)
+    y = torch.randint(0, 7, (3, 5), device=device)
+    for class_dim, (xs, ps) in ((1, (x, p)), (-1, (x.movedim(1, -1), p.movedim(1, -1)))):
+        sl, sy = xs.clone().requires_grad_(), ps.detach().clone().requires_grad_()
+        tl = xs.clone().requires_grad_()
+        ty = y if class_dim == -1 else y  # class indices keep their (N, d) shape either way
+        out, ref, g, rg = run_both(sl, sy, tl, ty, 0.3, reduction, 0.1, class_dim=class_dim, source_weight=w)
+        check(out, ref, g, rg, torch.float32, reduction)
+        if reduction == "none":
+            assert out[0].shape == (3, 5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("alpha", [0.0, 1.0, "tensor"])
+def test_zero_weight_side_with_soft_targets_and_weights_is_not_read(backend, device, alpha):
+    """A side whose alpha weight is 0 is not evaluated: NaN logits, targets and class weights there do
+    not reach the loss, and its inputs get zero gradients."""
+    good_l, good_y = make_kind("soft", 6, 4, device)
+    bad_l = torch.full((5, 4), math.nan, device=device, requires_grad=True)
+    bad_y = torch.full((5, 4), math.nan, device=device, requires_grad=True)
+    bad_w = torch.full((4,), math.nan, device=device)
+    w = class_weights(4, device, torch.float32)
+    a = torch.tensor(1.0, dtype=torch.float64) if alpha == "tensor" else alpha
+    if alpha == 0.0:
+        args, kw = (good_l, good_y, bad_l, bad_y), dict(source_weight=w, target_weight=bad_w)
+    else:
+        args, kw = (bad_l, bad_y, good_l, good_y), dict(source_weight=bad_w, target_weight=w)
+    out = fastadapt.alpha_weighted_cross_entropy(*args, a, **kw)
+    ref = F.cross_entropy(good_l.detach().double(), good_y.detach().double(), weight=w.double())
+    assert_close(out, ref, torch.float32, "loss")
+    out.backward()
+    for t in (bad_l, bad_y):
+        assert t.grad is None or bool((t.grad == 0).all())
+    assert torch.isfinite(good_l.grad).all() and torch.isfinite(good_y.grad).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("alpha", [0.25, "tensor"])
+def test_soft_and_weighted_alpha_tensor_equals_float(backend, device, alpha):
+    sl, sy = make_kind("soft", 8, 6, device)
+    tl, ty = make_kind("index", 9, 6, device)
+    w = class_weights(6, device, torch.float32)
+    a = torch.tensor(0.25, dtype=torch.float64) if alpha == "tensor" else alpha
+    out = fastadapt.alpha_weighted_cross_entropy(sl, sy, tl, ty, a, target_weight=w, label_smoothing=0.1)
+    ref = ce_oracle(sl.detach().double(), sy.detach().double(), tl.detach().double(), ty, 0.25, target_weight=w.double(),
+                    label_smoothing=0.1)
+    assert_close(out, ref, torch.float32, "loss")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["soft", "index"])
+def test_bf16_soft_and_weighted_no_farther_from_float64_than_eager(backend, device, kind):
+    torch.manual_seed(5)
+    x = (torch.randn(24, 50, device=device) * 4).to(torch.bfloat16)
+    y = soft_targets((24, 50), device, torch.bfloat16) if kind == "soft" else torch.randint(0, 50, (24,), device=device)
+    w = class_weights(50, device, torch.bfloat16)
+    xin = x.clone().requires_grad_()
+    out = fastadapt.alpha_weighted_cross_entropy(xin, y, xin, y, 0.5, label_smoothing=0.1, source_weight=w,
+                                                 target_weight=w)
+    out.backward()
+    x64 = x.double().requires_grad_()
+    ref = F.cross_entropy(x64, y.double() if kind == "soft" else y, weight=w.double(), label_smoothing=0.1)
+    ref.backward()
+    xe = x.clone().requires_grad_()
+    eager = F.cross_entropy(xe, y, weight=w, label_smoothing=0.1)
+    eager.backward()
+    err = lambda a, b: (a.double() - b.double()).abs().max().item()  # noqa: E731
+    assert err(out, ref) <= err(eager, ref) + 1e-3
+    assert err(xin.grad, x64.grad) <= err(xe.grad, x64.grad) * 1.01 + 1e-6
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
+def test_gradcheck_soft_targets_and_class_weights(backend, reduction, label_smoothing):
+    """float64 gradcheck through the logits and the probability targets, with class weights."""
+    sl = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    sy = soft_targets((5, 4), "cpu", torch.float64, requires_grad=True)
+    tl = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    ty = torch.tensor([0, 2, -100, 1, 1, 0])
+    sw, tw = class_weights(4, "cpu", torch.float64), class_weights(3, "cpu", torch.float64)
+
+    def fn(a, b, c):
+        out = fastadapt.alpha_weighted_cross_entropy(a, b, c, ty, 0.3, reduction=reduction,
+                                                     label_smoothing=label_smoothing, source_weight=sw, target_weight=tw)
+        return out if reduction != "none" else torch.cat([out[0], out[1]])
+
+    assert torch.autograd.gradcheck(fn, (sl, sy, tl))
+
+
+def _op_args_soft_weighted(requires_grad, reduction=1):
+    sl = torch.randn(6, 11, requires_grad=requires_grad)
+    sy = soft_targets((6, 11), "cpu", torch.float32, requires_grad=requires_grad)
+    tl, ty = make_side(5, 4, "cpu", torch.float32, 0.3)
+    tl = tl.detach().requires_grad_(requires_grad)
+    sw, tw = class_weights(11, "cpu", torch.float32), class_weights(4, "cpu", torch.float32)
+    return (sl, sy, tl, ty, torch.tensor(0.4, dtype=torch.float64), -100, 0.1, reduction, sw, tw)
+
+
+@pytest.mark.skipif(not fastadapt.has_ops(), reason="compiled extension not loaded")
+@pytest.mark.parametrize("requires_grad", [False, True])
+@pytest.mark.parametrize("reduction", [0, 1, 2])
+def test_opcheck_soft_targets_and_class_weights(requires_grad, reduction):
+    args = _op_args_soft_weighted(requires_grad, reduction)
+    torch.library.opcheck(torch.ops.fastadapt.alpha_weighted_cross_entropy.default, args)
+    internal = tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in args)
+    torch.library.opcheck(torch.ops.fastadapt._alpha_weighted_cross_entropy_forward.default, (*internal, [True, True]))
+    saved = torch.ops.fastadapt._alpha_weighted_cross_entropy_forward(*internal, [False, False])[2]
+    g_s = torch.randn(6) if reduction == 0 else torch.tensor(1.3)
+    g_t = torch.randn(5) if reduction == 0 else torch.tensor(0.7)
+    bargs = (g_s, g_t, *internal[:5], saved, *internal[5:], [True, True])
+    torch.library.opcheck(torch.ops.fastadapt._alpha_weighted_cross_entropy_backward.default, bargs)
+
+
+@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph_soft_targets_and_class_weights(backend, compile_backend):
+    sl, sy = make_kind("soft", 20, 30, "cpu")
+    tl, ty = make_kind("index", 15, 30, "cpu")
+    sw, tw = class_weights(30, "cpu", torch.float32), class_weights(30, "cpu", torch.float32)
+
+    def step(a, b, p, alpha):
+        return fastadapt.alpha_weighted_cross_entropy(a, p, b, ty, alpha, label_smoothing=0.1, source_weight=sw,
+                                                      target_weight=tw) * 2.0
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend=compile_backend)
+    for alpha in (0.3, 0.9):
+        a_t = torch.tensor(alpha, dtype=torch.float64)
+        leaves = (sl, tl, sy)
+        for t in leaves:
+            t.grad = None
+        out = compiled(sl, tl, sy, a_t)
+        out.backward()
+        got = [out.detach()] + [t.grad.clone() for t in leaves]
+        for t in leaves:
+            t.grad = None
+        ref = step(sl, tl, sy, a_t)
+        ref.backward()
+        oracle = 2.0 * ce_oracle(sl.detach().double(), sy.detach().double(), tl.detach().double(), ty, alpha,
+                                 label_smoothing=0.1, source_weight=sw.double(), target_weight=tw.double())
+        torch.testing.assert_close(got[0].double(), oracle, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got[0], ref.detach(), rtol=1e-5, atol=1e-6)
+        for g, t in zip(got[1:], leaves):
+            torch.testing.assert_close(g, t.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_module_takes_soft_targets_and_class_weights(backend):
+    sl, sy = make_kind("soft", 10, 7, "cpu")
+    tl, ty = make_kind("index", 12, 5, "cpu")
+    sw, tw = class_weights(7, "cpu", torch.float32), class_weights(5, "cpu", torch.float32)
+    mod = fastadapt.AlphaWeightedLoss(alpha=0.3, kind="cross_entropy", source_weight=sw, target_weight=tw,
+                                      label_smoothing=0.05)
+    got = mod(sl, sy, tl, ty)
+    ref = ce_oracle(sl.detach().double(), sy.detach().double(), tl.detach().double(), ty, 0.3, label_smoothing=0.05,
+                    source_weight=sw.double(), target_weight=tw.double())
+    assert_close(got, ref, torch.float32, "module loss")
+    assert torch.equal(got, fastadapt.alpha_weighted_cross_entropy(sl, sy, tl, ty, 0.3, source_weight=sw,
+                                                                   target_weight=tw, label_smoothing=0.05))
+
+
+def _soft_good():
+    sl, sy = make_kind("soft", 4, 5, "cpu")
+    tl, ty = make_side(3, 6, "cpu", torch.float32)
+    return [sl, sy.detach(), tl, ty]
+
+
+@pytest.mark.parametrize(
+    "mutate, kwargs, exc, match",
+    [
+        (lambda a: a.__setitem__(1, a[1][:, :4]), {}, ValueError,
+         r"source_labels holds probability targets \(dtype torch.float32\), so it must have the shape of "
+         r"source_logits, \(4, 5\), got \(4, 4\)"),
+        (lambda a: a.__setitem__(1, a[1].double()), {}, TypeError,
+         r"source_labels holds probability targets of dtype torch.float64 but source_logits has dtype torch.float32"),
+        (lambda a: None, {"ignore_index": 0}, ValueError,
+         r"ignore_index=0 does not apply to probability targets \(source_labels has dtype torch.float32\)"),
+        (lambda a: None, {"source_weight": torch.ones(4)}, ValueError,
+         r"source_weight must be 1-D with one weight per class of source_logits \(5\), got shape \(4,\)"),
+        (lambda a: None, {"target_weight": torch.ones(1, 6)}, ValueError,
+         r"target_weight must be 1-D with one weight per class of target_logits \(6\), got shape \(1, 6\)"),
+        (lambda a: None, {"target_weight": torch.ones(6, dtype=torch.float64)}, TypeError,
+         r"target_weight has dtype torch.float64 but target_logits has dtype torch.float32"),
+        (lambda a: None, {"source_weight": torch.ones(5, device="meta")}, ValueError,
+         r"source_weight is on meta but source_logits is on cpu"),
+        (lambda a: None, {"source_weight": torch.ones(5, requires_grad=True)}, ValueError,
+         r"source_weight requires grad, but fastadapt does not differentiate class weights"),
+        (lambda a: None, {"target_weight": [1.0] * 6}, TypeError, r"target_weight must be a torch.Tensor, got list"),
+    ],
+)
+def test_bad_soft_targets_and_weights_raise_before_running(backend, mutate, kwargs, exc, match):
+    args = _soft_good()
+    mutate(args)
+    before = [t.detach().clone() for t in args]
+    with pytest.raises(exc, match=match):
+        fastadapt.alpha_weighted_cross_entropy(*args, **kwargs)
+    for b, t in zip(before, args):
+        assert torch.equal(b, t.detach()) and t.grad is None

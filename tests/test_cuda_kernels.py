@@ -62,7 +62,7 @@ class CeFwd(NamedTuple):
     for reduction mean/sum (the loss is their sum), per row for none."""
     source: torch.Tensor
     target: torch.Tensor
-    saved: list  # [source_lse (float64, rows), target_lse (float64, rows), counts (int64, 2)]
+    saved: list  # [source_lse (float64, rows), target_lse (float64, rows), divisors of mean (float64, 2)]
     source_grad: torch.Tensor  # 0 elements unless the kernel wrote it (never on CUDA)
     target_grad: torch.Tensor
 
@@ -75,7 +75,7 @@ class CeFwd(NamedTuple):
         return self.saved[0], self.saved[1]
 
     @property
-    def counts(self):
+    def counts(self):  # without class weights the divisors of mean are the counts of non-ignored rows
         return self.saved[2]
 
 
@@ -92,7 +92,7 @@ class MseFwd(NamedTuple):
 
 
 def ce_fwd(sl, sy, tl, ty, alpha, reduction=1, ignore=-100, eps=0.0, write=(False, False)):
-    return CeFwd(*ops._alpha_weighted_cross_entropy_forward(sl, sy, tl, ty, alpha, ignore, eps, reduction,
+    return CeFwd(*ops._alpha_weighted_cross_entropy_forward(sl, sy, tl, ty, alpha, ignore, eps, reduction, None, None,
                                                              list(write)))
 
 
@@ -101,7 +101,7 @@ def ce_bwd(g_s, g_t, sl, sy, tl, ty, alpha, fwd, reduction=1, ignore=-100, eps=0
     none); a side masked out comes back with 0 elements, one whose grad_output is None with no gradient
     (see assert_no_gradient)."""
     return ops._alpha_weighted_cross_entropy_backward(g_s, g_t, sl, sy, tl, ty, alpha, fwd.saved, ignore, eps,
-                                                      reduction, list(mask))
+                                                      reduction, None, None, list(mask))
 
 
 def mse_fwd(sp, st, tp, tt, alpha, reduction=1, write=(False, False)):

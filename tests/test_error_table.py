@@ -82,11 +82,35 @@ API_CASES = [
      "source_logits must be a floating tensor (float32, float64, bfloat16 on cpu), got dtype torch.int64"),
     ("ce-logits-half-cpu", "float16 logits on the CPU", lambda t: ce(sl=L(4, 5, dtype=torch.float16)), TypeError,
      "source_logits must be a floating tensor (float32, float64, bfloat16 on cpu), got dtype torch.float16"),
-    ("ce-labels-float", "float labels", lambda t: ce(sy=Y(4, dtype=f32)), TypeError,
-     "source_labels must have an integer dtype (class indices), got torch.float32"),
+    ("ce-labels-float", "float labels (4,) for logits (4, 5)", lambda t: ce(sy=Y(4, dtype=f32)), ValueError,
+     "source_labels holds probability targets (dtype torch.float32), so it must have the shape of source_logits, "
+     "(4, 5), got (4,) (class indices need an integer dtype)"),
+    ("ce-probs-dtype", "float64 probability targets for float32 logits", lambda t: ce(sy=L(4, 5, dtype=f64)),
+     TypeError, "source_labels holds probability targets of dtype torch.float64 but source_logits has dtype "
+     "torch.float32; they must match (class indices need an integer dtype)"),
+    ("ce-probs-ignore-index", "probability targets with ignore_index=0", lambda t: ce(ty=L(3, 6), ignore_index=0),
+     ValueError, "ignore_index=0 does not apply to probability targets (target_labels has dtype torch.float32); "
+     "F.cross_entropy refuses it too: leave it at a negative value"),
+    ("ce-probs-zero-classes", "probability targets (3, 0) for logits (3, 0)", lambda t: ce(tl=L(3, 0), ty=L(3, 0)),
+     ValueError, "target_logits has 0 classes (shape (3, 0)) but 3 rows of probability targets"),
     ("ce-labels-bool", "bool labels", lambda t: ce(ty=Y(3, dtype=torch.bool)), TypeError,
-     "target_labels must have an integer dtype (class indices), got torch.bool; probability (soft) targets are "
-     "not supported"),
+     "target_labels must hold class indices (an integer dtype) or probability targets (the dtype of target_logits, "
+     "torch.float32), got dtype torch.bool"),
+    ("ce-weight-type", "source_weight=[1.0] * 5 (a list)", lambda t: ce(source_weight=[1.0] * 5), TypeError,
+     "source_weight must be a torch.Tensor, got list"),
+    ("ce-weight-length", "target_weight of 5 values for 6 target classes", lambda t: ce(target_weight=L(5)),
+     ValueError, "target_weight must be 1-D with one weight per class of target_logits (6), got shape (5,)"),
+    ("ce-weight-ndim", "source_weight of shape (1, 5)", lambda t: ce(source_weight=L(1, 5)), ValueError,
+     "source_weight must be 1-D with one weight per class of source_logits (5), got shape (1, 5)"),
+    ("ce-weight-dtype", "float64 source_weight for float32 logits", lambda t: ce(source_weight=L(5, dtype=f64)),
+     TypeError, "source_weight has dtype torch.float64 but source_logits has dtype torch.float32; they must match "
+     "(F.cross_entropy requires it too)"),
+    ("ce-weight-device", "target_weight on another device (meta)", lambda t: ce(target_weight=L(6, device="meta")),
+     ValueError, "target_weight is on meta but target_logits is on cpu; they must share one device"),
+    ("ce-weight-grad", "source_weight with requires_grad=True",
+     lambda t: ce(source_weight=L(5).requires_grad_()), ValueError,
+     "source_weight requires grad, but fastadapt does not differentiate class weights (F.cross_entropy does); "
+     "pass source_weight.detach()"),
     ("ce-logits-0dim", "0-dim logits", lambda t: ce(sl=L(), sy=Y()), ValueError,
      "source_logits must have a class dimension, got a 0-dim tensor"),
     ("ce-shape", "labels (3,) for logits (4, 5)", lambda t: ce(sy=Y(3)), ValueError,
@@ -179,6 +203,9 @@ API_CASES = [
      "temperature must be a finite float > 0, got inf"),
     ("kd-temperature-type", "temperature=None", lambda t: kd(temperature=None), TypeError,
      "temperature must be a float, got NoneType"),
+    ("kd-probability-labels", "labels of probability targets (4, 5)", lambda t: kd(y=L(4, 5).softmax(-1)), TypeError,
+     "labels must hold class indices (an integer dtype), got dtype torch.float32: alpha_weighted_distillation "
+     "takes no probability targets"),
     ("kd-label-range", "a label 7 with 5 classes (CPU)", lambda t: kd(y=_labels(0, 7, 1, 2)), IndexError,
      "labels contains the label 7 (at flat position 1), outside [0, 5) and not ignore_index (-100)"),
     # ---- AlphaWeightedLoss
@@ -232,6 +259,16 @@ API_CASES = [
     ("adaptive-alpha", "AdaptiveTrainer(model, alpha=1.5)",
      lambda t: fastadapt.AdaptiveTrainer(fastadapt.MLP(4, (8,), 3), alpha=1.5), ValueError,
      "alpha must lie in [0, 1], got 1.5"),
+    ("adaptive-strategy", "AdaptiveTrainer(model, strategy='ewc')",
+     lambda t: fastadapt.AdaptiveTrainer(fastadapt.MLP(4, (8,), 3), strategy="ewc"), ValueError,
+     "strategy must be one of ['replay', 'lwf', 'replay+lwf'], got 'ewc'"),
+    ("adaptive-temperature", "AdaptiveTrainer(model, strategy='lwf', temperature=0)",
+     lambda t: fastadapt.AdaptiveTrainer(fastadapt.MLP(4, (8,), 3), strategy="lwf", temperature=0), ValueError,
+     "temperature must be a positive finite number, got 0"),
+    ("adaptive-lwf-memory", "AdaptiveTrainer(model, strategy='lwf', memory_size=100)",
+     lambda t: fastadapt.AdaptiveTrainer(fastadapt.MLP(4, (8,), 3), strategy="lwf", memory_size=100), ValueError,
+     "memory_size=100 but strategy='lwf' stores no source samples; use strategy='replay+lwf' to replay a memory "
+     "as well"),
     ("trainer-config-and-options", "TransferTrainer(model, TrainConfig(), lr=0.1)",
      lambda t: fastadapt.TransferTrainer(fastadapt.MLP(4, (8,), 3), fastadapt.TrainConfig(), lr=0.1), TypeError,
      "pass either config or keyword options, not both (got ['lr'])"),

@@ -11,7 +11,7 @@ namespace fastadapt {
 // The node autograd records (named after it).
 struct AlphaWeightedMse : TwoSidedLossNode<AlphaWeightedMse> {
   using Options = std::tuple<int64_t>;  // reduction
-  static constexpr bool kSecondInputGrad = true;  // d/d target = -d/d pred
+  static constexpr bool kSecondGradIsNegatedFirst = true;  // d/d target = -d/d pred
   static constexpr auto& forward_op = ops::_alpha_weighted_mse_forward;
   static constexpr auto& backward_op = ops::_alpha_weighted_mse_backward;
   static bool writes_grad_in_forward(const at::Tensor& pred, const Options& o) {

@@ -10,10 +10,13 @@
 // reach the loss gets no gradient at all.
 //
 // A loss derives from TwoSidedLossNode<itself> (so autograd names the node after the loss) and provides:
-//   Options                 std::tuple of the op's non-tensor arguments between alpha and the flags
+//   Options                 std::tuple of the op's arguments between alpha and the flags (never
+//                           differentiated; optional tensors among them are kept as they are)
 //   forward_op, backward_op the internal ops (csrc/<op>.h)
-//   kSecondInputGrad        whether the second input of a side is differentiable with the negated
-//                           gradient of the first (MSE's target) or not at all (cross-entropy's labels)
+//   kSecondGradIsNegatedFirst  whether a side's second input gets the negated gradient of the first
+//                           (MSE's target); if not, a second input that requires grad gets
+//                           second_grad(side, first, second, grad_output, alpha, saved, options)
+//                           (cross-entropy's probability targets)
 //   writes_grad_in_forward(input, options)
 #pragma once
 #include <ATen/core/grad_mode.h>
@@ -60,7 +63,8 @@ class TwoSidedLossNode : public torch::autograd::Function<Loss> {
     std::array<Tensor, 2> g;
     std::array<bool, 2> rest = {false, false};
     for (int k = 0; k < 2; ++k) {
-      const bool needed = ctx->needs_input_grad(2 * k) || (Loss::kSecondInputGrad && ctx->needs_input_grad(2 * k + 1));
+      const bool needed =
+          ctx->needs_input_grad(2 * k) || (Loss::kSecondGradIsNegatedFirst && ctx->needs_input_grad(2 * k + 1));
       if (!needed || !grads[k].defined()) continue;  // no gradient: autograd reads it as zeros
       // create_graph=True needs a differentiable backward: the op path raises a clear error there.
       if (written[k] && !at::GradMode::is_enabled() && saved_grad_serves(v[4 + k], grads[k])) {
@@ -81,16 +85,24 @@ class TwoSidedLossNode : public torch::autograd::Function<Loss> {
       if (rest[0]) g[0] = gs;
       if (rest[1]) g[1] = gt;
     }
-    auto second = [&](int k) {
-      return Loss::kSecondInputGrad && g[k].defined() && ctx->needs_input_grad(2 * k + 1) ? g[k].neg() : Tensor();
+    auto second = [&](int k) -> Tensor {
+      if (!ctx->needs_input_grad(2 * k + 1) || !grads[k].defined()) return Tensor();
+      if constexpr (Loss::kSecondGradIsNegatedFirst) {
+        return g[k].defined() ? g[k].neg() : Tensor();
+      } else {
+        return Loss::second_grad(k, v[2 * k], v[2 * k + 1], grads[k], sd["alpha"].toTensor(),
+                                 sd["saved"].toTensorVector(), sd["options"].to<Options>());
+      }
     };
     auto first = [&](int k) { return ctx->needs_input_grad(2 * k) ? g[k] : Tensor(); };
     return {first(0), second(0), first(1), second(1), Tensor(), Tensor()};
   }
 
  private:
+  // Whether the forward should write the first input's gradient: the second input's only needs it
+  // when it is the negation.
   static bool wants_grad(const Tensor& first, const Tensor& second) {
-    return first.requires_grad() || (Loss::kSecondInputGrad && second.requires_grad());
+    return first.requires_grad() || (Loss::kSecondGradIsNegatedFirst && second.requires_grad());
   }
 };
 

@@ -1,8 +1,9 @@
 // CPU kernels of the alpha-weighted cross-entropy:
 //   loss = alpha * CE(target_logits, target_labels) + (1 - alpha) * CE(source_logits, source_labels)
 //
-// What it fuses: log-sum-exp, the label-smoothed NLL, the per-side mean over non-ignored rows, the
-// alpha weighting and (on request) the gradient for a unit grad_output. Reads each logits row from
+// What it fuses: log-sum-exp, the label-smoothed NLL (class indices, optionally class-weighted, or
+// probability targets), the per-side mean as F.cross_entropy takes it, the alpha weighting and (on
+// request) the gradient for a unit grad_output. Reads each logits row from
 // memory once and writes each gradient row once; log_softmax is never materialised. Rows of both
 // sides share one at::parallel_for. Per-row losses go to a small buffer and are summed in a fixed
 // order, so results do not depend on the thread count.
@@ -20,6 +21,9 @@
 
 #include <array>
 #include <cstring>
+#include <optional>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "alpha_weighted_cross_entropy.h"
@@ -37,44 +41,73 @@ using at::Tensor;
 struct Side : CeSide {
   double weight = 0.0;
   bool evaluated = false;  // weight != 0: a zero-weight side is not read at all
+  // class weights or probability targets: rows go through ce_weighted_row, one at a time
+  bool weighted = false;
   const void* x = nullptr;
-  const int64_t* y = nullptr;
+  const int64_t* y = nullptr;  // class indices, or null for probability targets
+  const void* t = nullptr;     // probability targets (rows, classes), contiguous, or null
+  const void* w = nullptr;     // class weights in the accumulation type, or null
 
   template <typename T>
   const T* row(int64_t i) const {
     return static_cast<const T*>(x) + i * row_stride;
   }
+  int64_t label(int64_t i) const { return y ? y[i] : 0; }
+  bool ignored(int64_t i, int64_t ignore) const { return y && y[i] == ignore; }  // never for probabilities
 };
 
-Side make_side(const Tensor& logits, const Tensor& labels, double weight) {
+Side make_side(const Tensor& logits, const Tensor& labels, const std::optional<Tensor>& class_weight, double weight) {
   Side d;
-  static_cast<CeSide&>(d) = make_ce_side(logits, labels);
+  static_cast<CeSide&>(d) = make_ce_side(logits, labels, class_weight);
   d.weight = weight;
   d.evaluated = weight != 0.0;
+  d.weighted = d.soft || d.class_weight.defined();
   d.x = d.logits.const_data_ptr();
-  d.y = d.labels.const_data_ptr<int64_t>();
+  if (d.soft) {
+    d.t = d.labels.const_data_ptr();
+  } else {
+    d.y = d.labels.const_data_ptr<int64_t>();
+  }
+  if (d.class_weight.defined()) d.w = d.class_weight.const_data_ptr();
   return d;
 }
 
-// Number of rows whose label is not ignore_index. A label outside [0, classes) would index out of the
-// row: IndexError, before any arithmetic (the Python layer names the argument).
-int64_t count_valid(const Side& d, int64_t ignore) {
-  if (!d.evaluated) return 0;
-  int64_t n = 0;
+// F.cross_entropy's divisor for reduction mean: the number of rows whose label is not ignore_index,
+// the sum of their classes' weights with class weights, the number of rows with probability targets.
+// A label outside [0, classes) would index out of the row: IndexError, before any arithmetic (the
+// Python layer names the argument).
+double denominator(const Side& d, int64_t ignore) {
+  if (!d.evaluated) return 0.0;
+  if (d.soft) return double(d.rows);
+  const Tensor w = d.class_weight.defined() ? d.class_weight.to(at::kDouble) : Tensor();
+  const double* wp = w.defined() ? w.const_data_ptr<double>() : nullptr;
+  double n = 0.0;
   for (int64_t i = 0; i < d.rows; ++i) {
     if (d.y[i] == ignore) continue;
     TORCH_CHECK_INDEX(d.y[i] >= 0 && d.y[i] < d.classes, "label ", d.y[i], " at flat position ", i,
                       " is outside [0, ", d.classes, ")");
-    ++n;
+    n += wp ? wp[d.y[i]] : 1.0;
   }
   return n;
 }
 
 std::array<Side, 2> make_sides(const Tensor& sl, const Tensor& sy, const Tensor& tl, const Tensor& ty,
-                               const Tensor& alpha, int64_t reduction) {
+                               const Tensor& alpha, int64_t reduction, const std::optional<Tensor>& sw,
+                               const std::optional<Tensor>& tw) {
   check_two_sided_call(sl, tl, reduction);
   const SideWeights w = cpu_side_weights(alpha);
-  return {make_side(sl, sy, *w.w[0]), make_side(tl, ty, *w.w[1])};
+  return {make_side(sl, sy, sw, *w.w[0]), make_side(tl, ty, tw, *w.w[1])};
+}
+
+// A row in the accumulation type: bf16 widened into scratch, float/double as they are.
+template <typename scalar_t, typename A = acc_t<scalar_t>>
+const A* widened(const scalar_t* row, int64_t n, std::vector<A>& scratch) {
+  if constexpr (std::is_same_v<scalar_t, A>) {
+    return row;
+  } else {
+    at::vec::convert(row, scratch.data(), n);
+    return scratch.data();
+  }
 }
 
 // The two sides' rows in one at::parallel_for: blocks of kBlockRows rows of one side are the work
@@ -91,9 +124,10 @@ void forward_rows(const std::array<Side, 2>& sides, int64_t ignore, double eps, 
   const int64_t blocks = blocks_s + (t.rows + kBlockRows - 1) / kBlockRows;
   const int64_t C = std::max<int64_t>({s.classes, t.classes, 1});
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / (C * kBlockRows));
+  const bool any_soft = s.soft || t.soft;
   at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
     const int64_t scratch = C <= kSmallClasses ? kBlockRows * C : C;
-    std::vector<A> xs(kWiden ? scratch : 0), gs(kWiden ? scratch : 0);
+    std::vector<A> xs(kWiden ? scratch : 0), gs(kWiden ? scratch : 0), ts(kWiden && any_soft ? C : 0);
     for (int64_t b = begin; b < end; ++b) {
       const int side = b < blocks_s ? 0 : 1;
       const Side& d = sides[side];
@@ -108,7 +142,7 @@ void forward_rows(const std::array<Side, 2>& sides, int64_t ignore, double eps, 
         continue;
       }
       const A sc = A(grad_scale[side]);
-      if (Cd <= kSmallClasses) {
+      if (Cd <= kSmallClasses && !d.weighted) {
         // narrow rows: the whole block at once (bf16 widened into a float scratch block first)
         const A* x;
         int64_t stride;
@@ -127,22 +161,26 @@ void forward_rows(const std::array<Side, 2>& sides, int64_t ignore, double eps, 
         }
         continue;
       }
-      // wide rows one at a time, so each stays in L2 across the passes of ce_row
+      // wide (or weighted) rows one at a time, so each stays in L2 across the passes of ce_row
       for (int64_t l = 0; l < n; ++l) {
-        const int64_t y = d.y[r0 + l];
+        const int64_t i = r0 + l, y = d.label(i);
         scalar_t* gl = g ? g + l * Cd : nullptr;
-        if (y == ignore) {
+        if (d.ignored(i, ignore)) {
           loss[l] = 0.0;
           lse_p[l] = 0.0;
           if (gl) std::memset(gl, 0, sizeof(scalar_t) * Cd);
           continue;
         }
-        if constexpr (kWiden) {
-          at::vec::convert(d.row<scalar_t>(r0 + l), xs.data(), Cd);
-          loss[l] = f.ce_row(xs.data(), Cd, y, A(eps), gl ? gs.data() : nullptr, sc, lse_p + l);
-          if (gl) at::vec::convert(gs.data(), gl, Cd);
+        const A* x = widened(d.row<scalar_t>(i), Cd, xs);
+        A* ga = gl ? (kWiden ? gs.data() : reinterpret_cast<A*>(gl)) : nullptr;
+        if (d.weighted) {
+          const A* tr = d.soft ? widened(static_cast<const scalar_t*>(d.t) + i * Cd, Cd, ts) : nullptr;
+          loss[l] = f.ce_weighted_row(x, Cd, y, tr, static_cast<const A*>(d.w), A(eps), ga, sc, lse_p + l);
         } else {
-          loss[l] = f.ce_row(d.row<scalar_t>(r0 + l), Cd, y, A(eps), gl, sc, lse_p + l);
+          loss[l] = f.ce_row(x, Cd, y, A(eps), ga, sc, lse_p + l);
+        }
+        if constexpr (kWiden) {
+          if (gl) at::vec::convert(gs.data(), gl, Cd);
         }
       }
     }
@@ -150,10 +188,11 @@ void forward_rows(const std::array<Side, 2>& sides, int64_t ignore, double eps, 
 }
 
 LossForward forward(const Tensor& sl, const Tensor& sy, const Tensor& tl, const Tensor& ty, const Tensor& alpha,
-                    int64_t ignore, double eps, int64_t reduction, std::array<bool, 2> write_grad) {
-  const std::array<Side, 2> sides = make_sides(sl, sy, tl, ty, alpha, reduction);
+                    int64_t ignore, double eps, int64_t reduction, std::optional<Tensor> sw, std::optional<Tensor> tw,
+                    std::array<bool, 2> write_grad) {
+  const std::array<Side, 2> sides = make_sides(sl, sy, tl, ty, alpha, reduction, sw, tw);
   // Labels are checked before any arithmetic, so a bad label leaves nothing half-written.
-  const std::array<int64_t, 2> counts = {count_valid(sides[0], ignore), count_valid(sides[1], ignore)};
+  const std::array<double, 2> denom = {denominator(sides[0], ignore), denominator(sides[1], ignore)};
   const auto opts = sl.options();
   std::array<Tensor, 2> lse, grads, terms;
   std::array<double, 2> grad_scale{};
@@ -161,7 +200,7 @@ LossForward forward(const Tensor& sl, const Tensor& sy, const Tensor& tl, const 
     const Side& d = sides[k];
     lse[k] = at::empty({d.rows}, opts.dtype(at::kDouble));
     grads[k] = grad_buffer(plan_grad(write_grad[k], !d.evaluated), d.logits_sizes, opts, empty_large);
-    grad_scale[k] = reduction == kMean ? d.weight / double(counts[k]) : d.weight;
+    grad_scale[k] = reduction == kMean ? d.weight / denom[k] : d.weight;
   }
   std::vector<double> row_loss(sides[0].rows + sides[1].rows);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, sl.scalar_type(), "alpha_weighted_cross_entropy_cpu", [&] {
@@ -184,18 +223,19 @@ LossForward forward(const Tensor& sl, const Tensor& sy, const Tensor& tl, const 
     double sum = 0.0;  // fixed order: the result does not depend on the thread count
     for (int64_t i = 0; i < d.rows; ++i) sum += row_loss[offset + i];
     // a zero-weight term is not evaluated: no NaN from an empty side's mean
-    const double term = !d.evaluated ? 0.0 : reduction == kMean ? d.weight * (sum / double(counts[k])) : d.weight * sum;
+    const double term = !d.evaluated ? 0.0 : reduction == kMean ? d.weight * (sum / denom[k]) : d.weight * sum;
     terms[k] = at::scalar_tensor(term, opts.dtype(acc));
   }
-  Tensor cnt = at::empty({2}, opts.dtype(at::kLong));
-  cnt.data_ptr<int64_t>()[0] = counts[0];
-  cnt.data_ptr<int64_t>()[1] = counts[1];
-  return {terms[0], terms[1], {lse[0], lse[1], cnt}, grads[0], grads[1]};
+  Tensor den = at::empty({2}, opts.dtype(at::kDouble));
+  den.data_ptr<double>()[0] = denom[0];
+  den.data_ptr<double>()[1] = denom[1];
+  return {terms[0], terms[1], {lse[0], lse[1], den}, grads[0], grads[1]};
 }
 
 std::tuple<Tensor, Tensor> forward_public(const Tensor& sl, const Tensor& sy, const Tensor& tl, const Tensor& ty,
-                                          const Tensor& alpha, int64_t ignore, double eps, int64_t reduction) {
-  auto out = forward(sl, sy, tl, ty, alpha, ignore, eps, reduction, {false, false});
+                                          const Tensor& alpha, int64_t ignore, double eps, int64_t reduction,
+                                          std::optional<Tensor> sw, std::optional<Tensor> tw) {
+  auto out = forward(sl, sy, tl, ty, alpha, ignore, eps, reduction, std::move(sw), std::move(tw), {false, false});
   return {std::get<0>(out), std::get<1>(out)};
 }
 
@@ -210,44 +250,47 @@ void backward_rows(const std::array<Side, 2>& sides, int64_t ignore, double eps,
   const auto& f = loss_row_fns<A>();
   const Side &s = sides[0], &t = sides[1];
   const int64_t C = std::max(s.classes, t.classes);
+  const bool any_soft = s.soft || t.soft;
   at::parallel_for(0, s.rows + t.rows, std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(C, 1)),
                    [&](int64_t begin, int64_t end) {
-    std::vector<A> xs(kWiden ? C : 0), gs(kWiden ? C : 0);
+    std::vector<A> xs(kWiden ? C : 0), gs(kWiden ? C : 0), ts(kWiden && any_soft ? C : 0);
     for (int64_t r = begin; r < end; ++r) {
       const int side = r < s.rows ? 0 : 1;
       if (grad[side] == nullptr) continue;
       const Side& d = sides[side];
       const int64_t i = side == 0 ? r : r - s.rows;
-      scalar_t* grow = grad[side] + i * d.classes;
-      const int64_t y = d.y[i];
-      if (y == ignore) {
-        std::memset(grow, 0, sizeof(scalar_t) * d.classes);
+      const int64_t Cd = d.classes, y = d.label(i);
+      scalar_t* grow = grad[side] + i * Cd;
+      if (d.ignored(i, ignore)) {
+        std::memset(grow, 0, sizeof(scalar_t) * Cd);
         continue;
       }
       const A k = A(row_scale[side] ? row_scale[side][i] * scale[side] : scale[side]);
-      const scalar_t* x = d.row<scalar_t>(i);
-      if constexpr (kWiden) {
-        at::vec::convert(x, xs.data(), d.classes);
-        f.ce_grad_row(xs.data(), d.classes, y, A(eps), lse[side][i], k, gs.data());
-        at::vec::convert(gs.data(), grow, d.classes);
+      const A* x = widened(d.row<scalar_t>(i), Cd, xs);
+      A* ga = kWiden ? gs.data() : reinterpret_cast<A*>(grow);
+      if (d.weighted) {
+        const A* tr = d.soft ? widened(static_cast<const scalar_t*>(d.t) + i * Cd, Cd, ts) : nullptr;
+        f.ce_weighted_grad_row(x, Cd, y, tr, static_cast<const A*>(d.w), A(eps), lse[side][i], k, ga);
       } else {
-        f.ce_grad_row(x, d.classes, y, A(eps), lse[side][i], k, grow);
+        f.ce_grad_row(x, Cd, y, A(eps), lse[side][i], k, ga);
       }
+      if constexpr (kWiden) at::vec::convert(gs.data(), grow, Cd);
     }
   });
 }
 
 SideGrads backward(const std::optional<Tensor>& g_s, const std::optional<Tensor>& g_t, const Tensor& sl,
                    const Tensor& sy, const Tensor& tl, const Tensor& ty, const Tensor& alpha, at::TensorList saved,
-                   int64_t ignore, double eps, int64_t reduction, std::array<bool, 2> mask) {
-  const std::array<Side, 2> sides = make_sides(sl, sy, tl, ty, alpha, reduction);
-  TORCH_CHECK(saved.size() == 3 && saved[2].numel() == 2, "saved must be the forward's {lse, lse, counts}");
+                   int64_t ignore, double eps, int64_t reduction, std::optional<Tensor> sw, std::optional<Tensor> tw,
+                   std::array<bool, 2> mask) {
+  const std::array<Side, 2> sides = make_sides(sl, sy, tl, ty, alpha, reduction, sw, tw);
+  TORCH_CHECK(saved.size() == 3 && saved[2].numel() == 2, "saved must be the forward's {lse, lse, denominators}");
   // Labels may have been changed in place since the forward: re-checked before they index anything.
-  count_valid(sides[0], ignore);
-  count_valid(sides[1], ignore);
+  denominator(sides[0], ignore);
+  denominator(sides[1], ignore);
   const std::array<const std::optional<Tensor>*, 2> gout = {&g_s, &g_t};
-  const Tensor counts = saved[2].to(at::kCPU, at::kLong).contiguous();
-  const int64_t* cnt = counts.const_data_ptr<int64_t>();
+  const Tensor denoms = saved[2].to(at::kCPU, at::kDouble).contiguous();
+  const double* denom = denoms.const_data_ptr<double>();
   const auto opts = sl.options();
   std::array<Tensor, 2> grads, lse, row_g;  // row_g keeps per-row grad_outputs alive (reduction none)
   std::array<const double*, 2> row_scale = {nullptr, nullptr};
@@ -269,7 +312,7 @@ SideGrads backward(const std::optional<Tensor>& g_s, const std::optional<Tensor>
       scale[k] = d.weight;
     } else {
       TORCH_CHECK(go->numel() == 1, "grad_output of a reduced loss must have one element");
-      scale[k] = go->item<double>() * (reduction == kMean ? d.weight / double(cnt[k]) : d.weight);
+      scale[k] = go->item<double>() * (reduction == kMean ? d.weight / denom[k] : d.weight);
     }
   }
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, sl.scalar_type(), "alpha_weighted_cross_entropy_backward_cpu", [&] {

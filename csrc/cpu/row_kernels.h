@@ -32,6 +32,19 @@ struct LossRowFns {
                         T eps, T* grad, T scale, double* lse, double* loss);
   // The same gradient from a saved log-sum-exp: one read of x, one write of grad.
   void (*ce_grad_row)(const T* x, int64_t C, int64_t y, T eps, double lse, T scale, T* grad);
+  // Cross-entropy of one row with class weights w (null: all 1) and either the class index y (t null)
+  // or probability targets t (y unused), F.cross_entropy's formulas:
+  //   index: (1 - eps) * w[y] * (lse - x[y]) + eps/C * sum_c w[c] * (lse - x[c])  (the sum only if eps != 0)
+  //   probs: sum_c w[c] * ((1 - eps) * t[c] + eps/C) * (lse - x[c])
+  // Both have the gradient scale * (K * softmax(x) - q) with q[c] = w[c] * ((1 - eps) * t[c] + eps/C)
+  // (t the one-hot of y for an index) and K = sum(q), written when grad is non-null, as by ce_row.
+  // These rows are the less common case: the max and the exponentials are vectorised as in ce_row,
+  // the sums over t and w and the gradient pass are scalar.
+  T (*ce_weighted_row)(const T* x, int64_t C, int64_t y, const T* t, const T* w, T eps, T* grad, T scale,
+                       double* lse);
+  // That gradient from a saved log-sum-exp.
+  void (*ce_weighted_grad_row)(const T* x, int64_t C, int64_t y, const T* t, const T* w, T eps, double lse,
+                               T scale, T* grad);
   // Sum of (x-y)^2 over n elements, in double. Optionally writes grad = scale*(x-y) and
   // elem = w*(x-y)^2 in the same pass.
   double (*mse_chunk)(const T* x, const T* y, int64_t n, T* grad, T scale, T* elem, T w);

@@ -5,7 +5,7 @@
 //   forward:  one pass over each row (online softmax: running max and rescaled sum; sum(x) only for
 //             label smoothing; a NaN flag) -> per-row lse (float64) and loss; reads N*C*sizeof(T),
 //             writes O(N).
-//   finalize: one block sums the per-row losses and counts non-ignored rows in a fixed order (no float
+//   finalize: one block sums the per-row losses and the divisors of the mean in a fixed order (no float
 //             atomics, so results are bitwise reproducible) and writes each side's weighted term.
 //   backward: re-reads each row once, writes grad = s*(exp(x - lse) - eps/C) - s*(1-eps)*onehot(y)
 //             once; reads N*C*sizeof(T), writes N*C*sizeof(T). The autograd node does not ask the
@@ -14,13 +14,15 @@
 // Each side has its own launch, with a row handled by 4 threads (C <= 8 vectors), a warp (C <= 512
 // vectors) or a 512-thread block, chosen from that side's C. 16-byte vector loads and stores after a
 // scalar head that brings the row pointer to 16-byte alignment, so any row stride works; all offsets
-// are int64.
+// are int64. A side with class weights or probability targets takes simpler kernels instead
+// (ce_weighted_*: a warp per row, element by element).
 //
-// Nothing here synchronises with the host: counts, the scalar grad_output and a device alpha are read
-// by the kernels. Hence two device-side conventions:
+// Nothing here synchronises with the host: the divisors of the mean, the scalar grad_output and a
+// device alpha are read by the kernels. Hence two device-side conventions:
 //   * a label outside [0, C) that is not ignore_index cannot raise without a host sync (and a device
 //     assert would kill the CUDA context), so that row's loss and lse become NaN: the reduced loss is
-//     NaN and the row's gradient is NaN. (The CPU kernel raises instead.)
+//     NaN and the row's gradient is NaN (with class weights the mean's divisor is NaN too: the label
+//     has no weight). (The CPU kernel raises instead.)
 //   * a device-resident alpha outside [0, 1] (or NaN) makes every output NaN (see side_weight).
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
@@ -32,7 +34,9 @@
 
 #include <array>
 #include <climits>
+#include <optional>
 #include <type_traits>
+#include <utility>
 
 #include "alpha_weighted_cross_entropy.h"
 #include "cuda/common.cuh"
@@ -46,7 +50,10 @@ using at::Tensor;
 // One side as the kernels read and write it.
 struct CeSideDev {
   const void* logits = nullptr;     // (rows, classes), class stride 1, row stride row_stride
-  const int64_t* labels = nullptr;  // (rows,)
+  const int64_t* labels = nullptr;  // (rows,) class indices, or null with probability targets
+  const void* targets = nullptr;    // scalar_t (rows, classes) contiguous probability targets, or null
+  const void* class_weight = nullptr;  // acc_t (classes,), or null
+  bool weighted = false;            // class weights or probability targets: the ce_weighted_* kernels
   int64_t rows = 0, classes = 0, row_stride = 0;
   double* lse = nullptr;          // (rows,): see csrc/cpu/row_kernels.h for why not acc_t
   void* row_loss = nullptr;       // acc_t (rows,) unweighted losses (reduction mean/sum), or null
@@ -64,7 +71,7 @@ struct CeCommon {
   int64_t ignore = -100;
   double eps = 0.0;
   int reduction = kMean;
-  const int64_t* counts = nullptr;  // (2,) on the device (backward, reduction mean)
+  const double* denom = nullptr;  // (2,) on the device: the divisors of reduction mean (backward)
 };
 
 template <typename A>
@@ -281,7 +288,7 @@ __global__ __launch_bounds__(BLOCK) void ce_backward_kernel(const CeSideDev d, c
     // the grad_output in the accumulation type (per row, or one for the reduced loss)
     const double gv = d.g_rows ? static_cast<double>(static_cast<const A*>(d.g_rows)[i * d.g_stride])
                                : (d.g_dev ? *d.g_dev : d.g_host);
-    const double sc = c.reduction == kMean ? gv * w / static_cast<double>(c.counts[side]) : gv * w;
+    const double sc = c.reduction == kMean ? gv * w / c.denom[side] : gv * w;
     scale = static_cast<A>(sc);
     const double lse = d.lse[i];
     // x - lse as (x - hi) - lo: exact enough in fp32 even for logits near 1e4
@@ -340,33 +347,163 @@ __global__ __launch_bounds__(BLOCK) void ce_backward_kernel(const CeSideDev d, c
   }
 }
 
-// One block: per-side sums of the row losses and counts of non-ignored rows, in a fixed order.
+// Rows with class weights or probability targets: a warp per row, element by element (the less
+// common case, kept simple). A row's class coefficients, for the loss sums:
+//   probability targets  q[c] = w[c] * ((1 - eps) * t[c] + eps/C)
+//   class indices        q[c] = w[c]  (the label-smoothing sum)
+// (w = 1 without class weights). Both kernels are launched with kWeightedBlock threads.
+constexpr int kWeightedBlock = 256;
+
+template <typename scalar_t>
+__device__ __forceinline__ double loss_coef(const CeSideDev& d, const scalar_t* t, int64_t col, double eps) {
+  const auto* cw = static_cast<const acc_t<scalar_t>*>(d.class_weight);
+  const double wc = cw ? static_cast<double>(cw[col]) : 1.0;
+  return t ? wc * ((1.0 - eps) * static_cast<double>(t[col]) + eps / static_cast<double>(d.classes)) : wc;
+}
+
+// F.cross_entropy's formulas (csrc/cpu/row_kernels.h, ce_weighted_row), from the online row
+// statistics and the double sums sq = sum(q), sqx = sum(q * x): sq * lse - sqx is sum(q * (lse - x)).
+template <typename scalar_t>
+__global__ __launch_bounds__(kWeightedBlock) void ce_weighted_forward_kernel(const CeSideDev d, const CeCommon c,
+                                                                              int side) {
+  using A = acc_t<scalar_t>;
+  constexpr int G = 32;  // a warp per row: a warp past the last row leaves as a whole
+  const int lane = threadIdx.x % G;
+  const int64_t i = int64_t(blockIdx.x) * (kWeightedBlock / G) + threadIdx.x / G;
+  if (i >= d.rows) return;
+  const int64_t C = d.classes;
+  const double w = side_weight(c.alpha, side);
+  const int64_t y = d.labels && w != 0.0 ? d.labels[i] : 0;  // a zero-weight side is not read at all
+  const bool skip = w == 0.0 || (d.labels && y == c.ignore);
+  const scalar_t* x = static_cast<const scalar_t*>(d.logits) + i * d.row_stride;
+  const scalar_t* t = d.targets ? static_cast<const scalar_t*>(d.targets) + i * C : nullptr;
+  const bool sums = t != nullptr || c.eps != 0.0;  // an index row without smoothing needs x[y] and w[y] only
+  RowStats<A> st;
+  double sq = 0.0, sqx = 0.0;
+  if (!skip) {
+    for (int64_t col = lane; col < C; col += G) {
+      const A xs[1] = {static_cast<A>(x[col])};
+      online_chunk<A, 1>(xs, st, false);
+      if (sums) {
+        const double q = loss_coef(d, t, col, c.eps);
+        sq += q;
+        sqx += q * static_cast<double>(xs[0]);  // a -inf logit with q = 0 gives NaN, as F's 0 * log(0)
+      }
+    }
+  }
+  group_reduce<A, G>(st);
+  sq = warp_sum(sq);
+  sqx = warp_sum(sqx);
+  if (lane != 0) return;
+  double lse, loss;
+  if (skip) {
+    lse = loss = 0.0;
+  } else if (st.nan || st.m == dinf<A>() || st.m == -dinf<A>() || (d.labels && (y < 0 || y >= C))) {
+    lse = loss = dnan<double>();  // as ce_forward_kernel
+  } else {
+    const A ls = dlog(st.s);
+    lse = static_cast<double>(st.m) + static_cast<double>(ls);
+    if (t) {
+      loss = sq * lse - sqx;
+    } else {
+      const double wy = d.class_weight ? static_cast<double>(static_cast<const A*>(d.class_weight)[y]) : 1.0;
+      const double nll = static_cast<double>((st.m - static_cast<A>(x[y])) + ls);
+      loss = (1.0 - c.eps) * (wy * nll);
+      if (c.eps != 0.0) loss += c.eps / static_cast<double>(C) * (sq * lse - sqx);
+    }
+  }
+  d.lse[i] = lse;
+  if (d.row_loss) static_cast<A*>(d.row_loss)[i] = static_cast<A>(loss);
+  if (d.out_none) static_cast<A*>(d.out_none)[i] = static_cast<A>(w == 0.0 ? 0.0 : w * loss);
+}
+
+// grad = scale * (K * exp(x - lse) - q) with the gradient's coefficients q[c] = w[c] * ((1 - eps) * t[c]
+// + eps/C), t the one-hot of the label for class indices, and K = sum(q).
+template <typename scalar_t>
+__global__ __launch_bounds__(kWeightedBlock) void ce_weighted_backward_kernel(const CeSideDev d, const CeCommon c,
+                                                                               int side) {
+  using A = acc_t<scalar_t>;
+  constexpr int G = 32;
+  const int lane = threadIdx.x % G;
+  const int64_t i = int64_t(blockIdx.x) * (kWeightedBlock / G) + threadIdx.x / G;
+  if (i >= d.rows) return;
+  const int64_t C = d.classes;
+  scalar_t* g = static_cast<scalar_t*>(d.grad) + i * C;
+  const scalar_t* x = static_cast<const scalar_t*>(d.logits) + i * d.row_stride;
+  const scalar_t* t = d.targets ? static_cast<const scalar_t*>(d.targets) + i * C : nullptr;
+  const A* cw = static_cast<const A*>(d.class_weight);
+  const double w = side_weight(c.alpha, side);
+  const int64_t y = d.labels ? d.labels[i] : 0;
+
+  constexpr int kZero = 0, kNaN = 1, kGrad = 2;
+  int mode = kGrad;
+  double scale = 0.0, lse = 0.0;
+  if (w == 0.0 || (d.labels && y == c.ignore)) {
+    mode = kZero;
+  } else {
+    const double gv = d.g_rows ? static_cast<double>(static_cast<const A*>(d.g_rows)[i * d.g_stride])
+                               : (d.g_dev ? *d.g_dev : d.g_host);
+    scale = c.reduction == kMean ? gv * w / c.denom[side] : gv * w;
+    lse = d.lse[i];
+    if (!(lse > -1e308 && lse < 1e308) || (d.labels && (y < 0 || y >= C))) mode = kNaN;
+  }
+  const double off = c.eps / static_cast<double>(C), keep = 1.0 - c.eps;
+  auto q = [&](int64_t col) -> double {
+    const double wc = cw ? static_cast<double>(cw[col]) : 1.0;
+    return wc * (t ? keep * static_cast<double>(t[col]) + off : (col == y ? keep + off : off));
+  };
+  double k = 0.0;
+  if (mode == kGrad) {
+    for (int64_t col = lane; col < C; col += G) k += q(col);
+  }
+  k = warp_sum(k);  // mode is uniform across the warp (one row)
+  const A lse_hi = static_cast<A>(lse), lse_lo = static_cast<A>(lse - static_cast<double>(lse_hi));
+  for (int64_t col = lane; col < C; col += G) {
+    A v = A(0);
+    if (mode == kNaN) {
+      v = dnan<A>();
+    } else if (mode == kGrad) {
+      const A e = dexp((static_cast<A>(x[col]) - lse_hi) - lse_lo);
+      v = static_cast<A>(scale) * (static_cast<A>(k) * e - static_cast<A>(q(col)));
+    }
+    g[col] = static_cast<scalar_t>(v);
+  }
+}
+
+// One block: per-side sums of the row losses and the divisors of reduction mean (F.cross_entropy's:
+// the number of non-ignored rows, the sum of their labels' class weights, or the number of rows with
+// probability targets), in a fixed order.
 constexpr int kFinalizeThreads = 1024;
 
 template <typename scalar_t>
 __global__ __launch_bounds__(kFinalizeThreads) void ce_finalize_kernel(const CeSideDev s, const CeSideDev t,
                                                                         const CeCommon c, acc_t<scalar_t>* term_s,
-                                                                        acc_t<scalar_t>* term_t, int64_t* counts) {
+                                                                        acc_t<scalar_t>* term_t, double* denom) {
   using A = acc_t<scalar_t>;
   __shared__ double dsm[32];
-  __shared__ long long lsm[32];
+  __shared__ double csm[32];
   for (int sd = 0; sd < 2; ++sd) {
     const CeSideDev& d = sd == 0 ? s : t;
     const double w = side_weight(c.alpha, sd);
-    long long cnt = 0;
+    const A* cw = static_cast<const A*>(d.class_weight);
+    double cnt = 0.0;
     double term = 0.0;
     if (w != 0.0) {  // uniform across the block; a zero-weight term is not evaluated
       double sum = 0.0;
       for (int64_t r = threadIdx.x; r < d.rows; r += blockDim.x) {
-        cnt += d.labels[r] != c.ignore;
+        if (d.labels == nullptr) {
+          cnt += 1.0;
+        } else if (const int64_t y = d.labels[r]; y != c.ignore) {
+          cnt += cw == nullptr ? 1.0 : (y >= 0 && y < d.classes ? static_cast<double>(cw[y]) : dnan<double>());
+        }
         if (d.row_loss) sum += static_cast<double>(static_cast<const A*>(d.row_loss)[r]);
       }
       sum = block_sum(sum, dsm);
-      cnt = block_sum(cnt, lsm);
-      term = c.reduction == kMean ? w * (sum / static_cast<double>(cnt)) : w * sum;
+      cnt = block_sum(cnt, csm);
+      term = c.reduction == kMean ? w * (sum / cnt) : w * sum;
     }
     if (threadIdx.x == 0) {
-      counts[sd] = cnt;
+      denom[sd] = cnt;
       A* out = sd == 0 ? term_s : term_t;
       if (out) *out = static_cast<A>(term);
     }
@@ -377,6 +514,17 @@ __global__ __launch_bounds__(kFinalizeThreads) void ce_finalize_kernel(const CeS
 template <typename scalar_t, bool kBackward>
 void launch_side(const CeSideDev& d, const CeCommon& c, int side, cudaStream_t stream) {
   if (d.rows <= 0 || d.classes <= 0) return;
+  if (d.weighted) {
+    const int64_t blocks = (d.rows + kWeightedBlock / 32 - 1) / (kWeightedBlock / 32);
+    TORCH_CHECK(blocks < INT_MAX, "alpha_weighted_cross_entropy: too many rows (", d.rows, ")");
+    if constexpr (kBackward) {
+      ce_weighted_backward_kernel<scalar_t><<<static_cast<unsigned>(blocks), kWeightedBlock, 0, stream>>>(d, c, side);
+    } else {
+      ce_weighted_forward_kernel<scalar_t><<<static_cast<unsigned>(blocks), kWeightedBlock, 0, stream>>>(d, c, side);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
   constexpr int VN = Vec<scalar_t>::N;
   const int64_t nvec = (d.classes + VN - 1) / VN;
   auto go = [&](auto g_c, auto b_c) {
@@ -411,10 +559,11 @@ struct CeCall {
 };
 
 CeCall prepare_call(const Tensor& sl, const Tensor& sy, const Tensor& tl, const Tensor& ty, const Tensor& alpha,
-                    int64_t ignore, double eps, int64_t reduction) {
+                    int64_t ignore, double eps, int64_t reduction, const std::optional<Tensor>& sw,
+                    const std::optional<Tensor>& tw) {
   check_two_sided_call(sl, tl, reduction);
   check_on_device({&sl, &sy, &tl, &ty}, alpha);
-  CeCall call{Tensor(), {make_ce_side(sl, sy), make_ce_side(tl, ty)}, {}, CeCommon(), side_weights(alpha)};
+  CeCall call{Tensor(), {make_ce_side(sl, sy, sw), make_ce_side(tl, ty, tw)}, {}, CeCommon(), side_weights(alpha)};
   call.c.alpha = make_alpha_arg(alpha, call.alpha_keep);
   call.c.ignore = ignore;
   call.c.eps = eps;
@@ -423,7 +572,13 @@ CeCall prepare_call(const Tensor& sl, const Tensor& sy, const Tensor& tl, const 
     const CeSide& h = call.h[k];
     CeSideDev& d = call.d[k];
     d.logits = h.logits.const_data_ptr();
-    d.labels = h.labels.const_data_ptr<int64_t>();
+    if (h.soft) {
+      d.targets = h.labels.const_data_ptr();
+    } else {
+      d.labels = h.labels.const_data_ptr<int64_t>();
+    }
+    if (h.class_weight.defined()) d.class_weight = h.class_weight.const_data_ptr();
+    d.weighted = h.soft || h.class_weight.defined();
     d.rows = h.rows;
     d.classes = h.classes;
     d.row_stride = h.row_stride;
@@ -440,14 +595,15 @@ void launch_backward(const CeCall& call, at::ScalarType dtype, cudaStream_t stre
 }
 
 LossForward forward(const Tensor& sl, const Tensor& sy, const Tensor& tl, const Tensor& ty, const Tensor& alpha,
-                    int64_t ignore, double eps, int64_t reduction, std::array<bool, 2> write_grad) {
+                    int64_t ignore, double eps, int64_t reduction, std::optional<Tensor> sw, std::optional<Tensor> tw,
+                    std::array<bool, 2> write_grad) {
   c10::cuda::CUDAGuard device_guard(sl.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  CeCall call = prepare_call(sl, sy, tl, ty, alpha, ignore, eps, reduction);
+  CeCall call = prepare_call(sl, sy, tl, ty, alpha, ignore, eps, reduction, sw, tw);
   const auto opts = sl.options();
   const auto acc = at::toOpMathType(sl.scalar_type());
   std::array<Tensor, 2> lse, terms, row_loss, grads;
-  Tensor counts = at::empty({2}, opts.dtype(at::kLong));
+  Tensor denom = at::empty({2}, opts.dtype(at::kDouble));
   for (int k = 0; k < 2; ++k) {
     CeSideDev& d = call.d[k];
     lse[k] = at::empty({d.rows}, opts.dtype(at::kDouble));
@@ -467,7 +623,7 @@ LossForward forward(const Tensor& sl, const Tensor& sy, const Tensor& tl, const 
     A* ts = reduction == kNone ? nullptr : terms[0].mutable_data_ptr<A>();
     A* tt = reduction == kNone ? nullptr : terms[1].mutable_data_ptr<A>();
     ce_finalize_kernel<scalar_t><<<1, kFinalizeThreads, 0, stream>>>(call.d[0], call.d[1], call.c, ts, tt,
-                                                                     counts.mutable_data_ptr<int64_t>());
+                                                                     denom.mutable_data_ptr<double>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 
@@ -478,28 +634,30 @@ LossForward forward(const Tensor& sl, const Tensor& sy, const Tensor& tl, const 
     call.d[k].grad = plan == GradPlan::kCompute ? grads[k].mutable_data_ptr() : nullptr;
     call.d[k].g_host = 1.0;
   }
-  call.c.counts = counts.const_data_ptr<int64_t>();
+  call.c.denom = denom.const_data_ptr<double>();
   launch_backward(call, sl.scalar_type(), stream);
-  return {terms[0], terms[1], {lse[0], lse[1], counts}, grads[0], grads[1]};
+  return {terms[0], terms[1], {lse[0], lse[1], denom}, grads[0], grads[1]};
 }
 
 std::tuple<Tensor, Tensor> forward_public(const Tensor& sl, const Tensor& sy, const Tensor& tl, const Tensor& ty,
-                                          const Tensor& alpha, int64_t ignore, double eps, int64_t reduction) {
-  auto out = forward(sl, sy, tl, ty, alpha, ignore, eps, reduction, {false, false});
+                                          const Tensor& alpha, int64_t ignore, double eps, int64_t reduction,
+                                          std::optional<Tensor> sw, std::optional<Tensor> tw) {
+  auto out = forward(sl, sy, tl, ty, alpha, ignore, eps, reduction, std::move(sw), std::move(tw), {false, false});
   return {std::get<0>(out), std::get<1>(out)};
 }
 
 SideGrads backward(const std::optional<Tensor>& g_s, const std::optional<Tensor>& g_t, const Tensor& sl,
                    const Tensor& sy, const Tensor& tl, const Tensor& ty, const Tensor& alpha, at::TensorList saved,
-                   int64_t ignore, double eps, int64_t reduction, std::array<bool, 2> mask) {
+                   int64_t ignore, double eps, int64_t reduction, std::optional<Tensor> sw, std::optional<Tensor> tw,
+                   std::array<bool, 2> mask) {
   c10::cuda::CUDAGuard device_guard(sl.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  CeCall call = prepare_call(sl, sy, tl, ty, alpha, ignore, eps, reduction);
-  TORCH_CHECK(saved.size() == 3 && saved[2].numel() == 2, "saved must be the forward's {lse, lse, counts}");
+  CeCall call = prepare_call(sl, sy, tl, ty, alpha, ignore, eps, reduction, sw, tw);
+  TORCH_CHECK(saved.size() == 3 && saved[2].numel() == 2, "saved must be the forward's {lse, lse, denominators}");
   const auto opts = sl.options();
   const auto acc = at::toOpMathType(sl.scalar_type());
-  const Tensor cnt = saved[2].to(sl.device(), at::kLong).contiguous();
-  call.c.counts = cnt.const_data_ptr<int64_t>();
+  const Tensor denom = saved[2].to(sl.device(), at::kDouble).contiguous();
+  call.c.denom = denom.const_data_ptr<double>();
   const std::array<const std::optional<Tensor>*, 2> gout = {&g_s, &g_t};
   std::array<Tensor, 2> grads, lse, keep;
   for (int k = 0; k < 2; ++k) {

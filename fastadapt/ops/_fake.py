@@ -23,20 +23,24 @@ def _grad_or_empty(flag, like):
 if has_ops():
     lib = "fastadapt::"
 
+    # A cross-entropy side's rows: the logits' shape without the class dimension (the labels' shape for
+    # class indices; probability targets have the logits' shape).
     @torch.library.register_fake(lib + "alpha_weighted_cross_entropy")
-    def _(sl, sy, tl, ty, alpha, ignore_index, label_smoothing, reduction):
-        return _terms(reduction, sy.shape, ty.shape, sl)
+    def _(sl, sy, tl, ty, alpha, ignore_index, label_smoothing, reduction, source_weight, target_weight):
+        return _terms(reduction, sl.shape[:-1], tl.shape[:-1], sl)
 
     @torch.library.register_fake(lib + "_alpha_weighted_cross_entropy_forward")
-    def _(sl, sy, tl, ty, alpha, ignore_index, label_smoothing, reduction, write_grad):
-        term_s, term_t = _terms(reduction, sy.shape, ty.shape, sl)
-        # per-row log-sum-exp, float64 whatever the logits (csrc/cpu/row_kernels.h), and the two counts
-        saved = [sl.new_empty((sy.numel(),), dtype=torch.float64), tl.new_empty((ty.numel(),), dtype=torch.float64),
-                 sl.new_empty((2,), dtype=torch.int64)]
+    def _(sl, sy, tl, ty, alpha, ignore_index, label_smoothing, reduction, source_weight, target_weight, write_grad):
+        term_s, term_t = _terms(reduction, sl.shape[:-1], tl.shape[:-1], sl)
+        # per-row log-sum-exp, float64 whatever the logits (csrc/cpu/row_kernels.h), and the two
+        # divisors of reduction mean (float64)
+        saved = [sl.new_empty((sl.shape[:-1].numel(),), dtype=torch.float64),
+                 tl.new_empty((tl.shape[:-1].numel(),), dtype=torch.float64), sl.new_empty((2,), dtype=torch.float64)]
         return term_s, term_t, saved, _grad_or_empty(write_grad[0], sl), _grad_or_empty(write_grad[1], tl)
 
     @torch.library.register_fake(lib + "_alpha_weighted_cross_entropy_backward")
-    def _(g_s, g_t, sl, sy, tl, ty, alpha, saved, ignore_index, label_smoothing, reduction, mask):
+    def _(g_s, g_t, sl, sy, tl, ty, alpha, saved, ignore_index, label_smoothing, reduction, source_weight,
+          target_weight, mask):
         return _grad_or_empty(mask[0], sl), _grad_or_empty(mask[1], tl)
 
     @torch.library.register_fake(lib + "alpha_weighted_mse")

@@ -109,27 +109,31 @@ def check_class_dim(class_dim):
 
 
 def ce_side(side, logits, labels, class_dim):
-    """One side's logits with the class dimension last, after checking logits and labels (named
+    """One side's (logits, labels) with the class dimension last, after checking them (named
     ``{side}_logits`` and ``{side}_labels``, or ``logits`` and ``labels`` for side ``""``).
 
     class_dim=1 reads the logits as F.cross_entropy does: (C,), (N, C) or (N, C, d1, ...) with labels
-    (), (N,) or (N, d1, ...). class_dim=-1 reads them class-last: (..., C) with labels (...).
+    (), (N,) or (N, d1, ...). class_dim=-1 reads them class-last: (..., C) with labels (...). Labels are
+    class indices (any integer dtype) or, as in F.cross_entropy, probability targets: a floating tensor
+    of the logits' shape (and here also of their dtype), moved class-last with them.
     """
     # the usual case, settled with a few attribute reads: float logits of an accepted dtype with
     # int64 labels of the expected shape, (N, C) or class-last (..., C)
     if (isinstance(logits, torch.Tensor) and isinstance(labels, torch.Tensor) and logits.dtype in _CPU_FLOATS
             and labels.dtype == torch.int64 and (logits.dim() == 2 or (class_dim == -1 and logits.dim() >= 1))
             and labels.shape == logits.shape[:-1] and logits.shape[-1] > 0):
-        return logits
+        return logits, labels
     ln, bn = (f"{side}_logits", f"{side}_labels") if side else ("logits", "labels")
     check_tensor(ln, logits)
     check_tensor(bn, labels)
     check_float_dtype(ln, logits)
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise TypeError(f"{bn} must have an integer dtype (class indices), got {labels.dtype}; probability "
-                        f"(soft) targets are not supported")
+    if labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"{bn} must hold class indices (an integer dtype) or probability targets (the dtype of "
+                        f"{ln}, {logits.dtype}), got dtype {labels.dtype}")
     if logits.dim() < 1:
         raise ValueError(f"{ln} must have a class dimension, got a 0-dim tensor")
+    if labels.is_floating_point():
+        return _probability_side(ln, bn, logits, labels, class_dim)
     if class_dim == 1 and logits.dim() >= 2:
         # (N, C) is already class-last: no view, so autograd hands the kernel's gradient over as it is
         expected = (logits.shape[0], *logits.shape[2:])
@@ -147,7 +151,54 @@ def ce_side(side, logits, labels, class_dim):
                          f"{layout}, so {bn} must have shape {tuple(expected)}{hint}")
     if logits_last.shape[-1] == 0 and labels.numel() > 0:
         raise ValueError(f"{ln} has 0 classes (shape {tuple(logits.shape)}) but {labels.numel()} labels")
-    return logits_last
+    return logits_last, labels
+
+
+def _probability_side(ln, bn, logits, labels, class_dim):
+    """ce_side for probability targets: F.cross_entropy's rule (the logits' shape), plus the logits'
+    dtype (F would promote; the kernels read both in one dtype)."""
+    if labels.dtype != logits.dtype:
+        raise TypeError(f"{bn} holds probability targets of dtype {labels.dtype} but {ln} has dtype {logits.dtype}; "
+                        f"they must match (class indices need an integer dtype)")
+    if labels.shape != logits.shape:
+        raise ValueError(f"{bn} holds probability targets (dtype {labels.dtype}), so it must have the shape of {ln}, "
+                         f"{tuple(logits.shape)}, got {tuple(labels.shape)} (class indices need an integer dtype)")
+    moved = class_dim == 1 and logits.dim() >= 3
+    logits_last, labels_last = (logits.movedim(1, -1), labels.movedim(1, -1)) if moved else (logits, labels)
+    rows = math.prod(logits_last.shape[:-1])
+    if logits_last.shape[-1] == 0 and rows > 0:
+        raise ValueError(f"{ln} has 0 classes (shape {tuple(logits.shape)}) but {rows} rows of probability targets")
+    return logits_last, labels_last
+
+
+def check_soft_ignore_index(ignore_index, sides):
+    """F.cross_entropy refuses ignore_index >= 0 with probability targets (it cannot apply there)."""
+    for name, labels in sides:
+        if ignore_index >= 0 and labels.is_floating_point():
+            raise ValueError(f"ignore_index={ignore_index} does not apply to probability targets ({name} has dtype "
+                             f"{labels.dtype}); F.cross_entropy refuses it too: leave it at a negative value")
+
+
+def check_class_weight(name, weight, logits_name, logits_last):
+    """A side's class weights: as F.cross_entropy's `weight`, a 1-D tensor with one value per class in the
+    logits' dtype and on their device. fastadapt does not differentiate them (F does): one that requires
+    grad is refused rather than silently given none."""
+    if weight is None:
+        return
+    check_tensor(name, weight)
+    if weight.dtype != logits_last.dtype:
+        raise TypeError(f"{name} has dtype {weight.dtype} but {logits_name} has dtype {logits_last.dtype}; "
+                        f"they must match (F.cross_entropy requires it too)")
+    classes = logits_last.shape[-1]
+    if weight.dim() != 1 or weight.shape[0] != classes:
+        raise ValueError(f"{name} must be 1-D with one weight per class of {logits_name} ({classes}), "
+                         f"got shape {tuple(weight.shape)}")
+    if weight.device != logits_last.device:
+        raise ValueError(f"{name} is on {weight.device} but {logits_name} is on {logits_last.device}; "
+                         f"they must share one device")
+    if weight.requires_grad:
+        raise ValueError(f"{name} requires grad, but fastadapt does not differentiate class weights "
+                         f"(F.cross_entropy does); pass {name}.detach()")
 
 
 def check_mse_side(side, pred, target):
@@ -173,6 +224,8 @@ def raise_named_label_error(sides, ignore_index):
     sides: (labels name, class-last logits, labels) for each side that was evaluated. Returns without
     raising when no label is out of range (the caller then re-raises the original error)."""
     for name, logits, labels in sides:
+        if labels.is_floating_point():  # probability targets index nothing
+            continue
         classes = logits.shape[-1]
         flat = labels.reshape(-1)
         bad = (flat != ignore_index) & ((flat < 0) | (flat >= classes))
@@ -217,6 +270,14 @@ def check_temperature(temperature):
         raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
     if not math.isfinite(temperature) or temperature <= 0:
         raise ValueError(f"temperature must be a finite float > 0, got {temperature}")
+
+
+def check_class_indices(name, labels):
+    """The distillation op's cross-entropy reads class indices only (its kernels have no probability-target path)."""
+    check_tensor(name, labels)
+    if labels.is_floating_point():
+        raise TypeError(f"{name} must hold class indices (an integer dtype), got dtype {labels.dtype}: "
+                        f"alpha_weighted_distillation takes no probability targets")
 
 
 def teacher_side(teacher_logits, logits, class_dim):

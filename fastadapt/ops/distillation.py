@@ -35,7 +35,8 @@ def alpha_weighted_distillation(logits, labels, teacher_logits, alpha=0.5, tempe
     ``alpha == 0``. No gradient flows to the teacher: a ``teacher_logits`` that requires grad raises.
     """
     _validate.check_class_dim(class_dim)
-    z = _validate.ce_side("", logits, labels, class_dim)
+    _validate.check_class_indices("labels", labels)
+    z, _ = _validate.ce_side("", logits, labels, class_dim)
     t = _validate.teacher_side(teacher_logits, logits, class_dim)
     _validate.check_same_device(logits=logits, labels=labels, teacher_logits=teacher_logits)
     _validate.check_temperature(temperature)

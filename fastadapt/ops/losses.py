@@ -19,43 +19,61 @@ _MSE = torch.ops.fastadapt.alpha_weighted_mse.default if has_ops() else None
 
 
 def alpha_weighted_cross_entropy(source_logits, source_labels, target_logits, target_labels, alpha=0.5, *,
-                                 ignore_index=-100, label_smoothing=0.0, reduction="mean", class_dim=1):
+                                 ignore_index=-100, label_smoothing=0.0, reduction="mean", class_dim=1,
+                                 source_weight=None, target_weight=None):
     """``alpha * CE(target) + (1 - alpha) * CE(source)``, fused into one pass over each logits tensor.
 
-    Each term is ``F.cross_entropy(logits, labels, ignore_index=..., label_smoothing=..., reduction=...)``
-    of its side; source and target may differ in rows and in classes. ``class_dim=1`` (default) reads
-    the logits as F.cross_entropy does: ``(C,)``, ``(N, C)`` or ``(N, C, d1, ...)`` with labels ``()``,
-    ``(N,)`` or ``(N, d1, ...)``. ``class_dim=-1`` reads them class-last, ``(..., C)`` with labels
-    ``(...)``: a language model's ``(batch, seq, vocab)`` logits with ``(batch, seq)`` labels, without
-    a copy. Labels are class indices of any integer dtype.
+    Each term is ``F.cross_entropy(logits, labels, weight=..., ignore_index=..., label_smoothing=...,
+    reduction=...)`` of its side; source and target may differ in rows and in classes. ``class_dim=1``
+    (default) reads the logits as F.cross_entropy does: ``(C,)``, ``(N, C)`` or ``(N, C, d1, ...)`` with
+    labels ``()``, ``(N,)`` or ``(N, d1, ...)``. ``class_dim=-1`` reads them class-last, ``(..., C)`` with
+    labels ``(...)``: a language model's ``(batch, seq, vocab)`` logits with ``(batch, seq)`` labels,
+    without a copy.
 
-    ``reduction="none"`` returns ``(source_losses, target_losses)``, each of its labels' shape, already
-    weighted, 0 at ignored rows. A term whose weight is exactly 0 is not evaluated. Pass ``alpha`` as a
-    0-dim tensor to change it between steps without recompiling under ``torch.compile``.
+    Each side's labels are either class indices of any integer dtype, or probability (soft) targets: a
+    floating tensor of the logits' shape and dtype, as F.cross_entropy takes them (rows need not sum
+    to 1; ``ignore_index`` does not apply to them, and as in F must then be negative). Gradients flow to
+    probability targets that require grad, as in F.
+
+    ``source_weight`` / ``target_weight``: optional per-class weights of that side, F's ``weight``: 1-D,
+    one per class, in the logits' dtype and on their device. With class indices a row's loss is scaled
+    by its label's weight and ``reduction="mean"`` divides by the sum of those weights over the rows not
+    ignored; with probability targets each class's term is scaled and the mean divides by the number of
+    rows. No gradient flows to them (F differentiates them): one that requires grad is refused.
+
+    ``reduction="none"`` returns ``(source_losses, target_losses)``, one loss per row (the logits' shape
+    without the class dimension), already weighted by alpha, 0 at ignored rows. A term whose weight is
+    exactly 0 is not evaluated (neither its logits, labels nor class weights are read). Pass ``alpha``
+    as a 0-dim tensor to change it between steps without recompiling under ``torch.compile``.
     """
     _validate.check_class_dim(class_dim)
-    sl = _validate.ce_side("source", source_logits, source_labels, class_dim)
-    tl = _validate.ce_side("target", target_logits, target_labels, class_dim)
+    sl, sy = _validate.ce_side("source", source_logits, source_labels, class_dim)
+    tl, ty = _validate.ce_side("target", target_logits, target_labels, class_dim)
     _validate.check_same_dtype("source_logits", source_logits, "target_logits", target_logits)
     _validate.check_same_device(source_logits=source_logits, source_labels=source_labels,
                                 target_logits=target_logits, target_labels=target_labels)
     _validate.check_label_smoothing(label_smoothing)
     _validate.check_ignore_index(ignore_index)
+    if ignore_index >= 0:
+        _validate.check_soft_ignore_index(ignore_index, (("source_labels", sy), ("target_labels", ty)))
+    if source_weight is not None or target_weight is not None:
+        _validate.check_class_weight("source_weight", source_weight, "source_logits", sl)
+        _validate.check_class_weight("target_weight", target_weight, "target_logits", tl)
     red = _validate.reduction_code(reduction)
     a = _validate.alpha_tensor(alpha, source_logits.device)
-    args = (sl, source_labels, tl, target_labels, a, ignore_index, float(label_smoothing))
+    args = (sl, sy, tl, ty, a, ignore_index, float(label_smoothing))
     try:
         if use_compiled(sl):
-            terms = _CROSS_ENTROPY(*args, red)
+            terms = _CROSS_ENTROPY(*args, red, source_weight, target_weight)
         else:
-            terms = reference.alpha_weighted_cross_entropy(*args, reduction)
+            terms = reference.alpha_weighted_cross_entropy(*args, reduction, source_weight, target_weight)
     except IndexError:
         # a label out of range, found by the CPU kernel (or by F in the fallback): name the argument
         if torch.compiler.is_compiling() or sl.device.type != "cpu":
             raise
-        evaluated = [("source_labels", sl, source_labels)] if float(a) != 1.0 else []
+        evaluated = [("source_labels", sl, sy)] if float(a) != 1.0 else []
         if float(a) != 0.0:
-            evaluated.append(("target_labels", tl, target_labels))
+            evaluated.append(("target_labels", tl, ty))
         _validate.raise_named_label_error(evaluated, ignore_index)
         raise
     return _combine(terms, red, source_logits.dtype)
@@ -101,7 +119,9 @@ class AlphaWeightedLoss(nn.Module):
     """
 
     _KINDS = {"cross_entropy": alpha_weighted_cross_entropy, "mse": alpha_weighted_mse}
-    _OPTIONS = {"cross_entropy": {"ignore_index", "label_smoothing", "reduction", "class_dim"}, "mse": {"reduction"}}
+    _OPTIONS = {"cross_entropy": {"ignore_index", "label_smoothing", "reduction", "class_dim", "source_weight",
+                                  "target_weight"},
+                "mse": {"reduction"}}
 
     def __init__(self, alpha=0.5, kind="cross_entropy", **options):
         super().__init__()

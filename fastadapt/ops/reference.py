@@ -8,6 +8,8 @@ evaluated at all, so alpha=1 with an empty, NaN or all-ignored source batch give
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -26,22 +28,27 @@ def _wide(t):
     return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
 
 
-def cross_entropy_term(logits, labels, ignore_index, label_smoothing, reduction):
-    """F.cross_entropy of class-last logits (..., C) and labels (...), in float32 or better."""
-    flat = _wide(logits).reshape(labels.numel(), logits.shape[-1])
-    out = F.cross_entropy(flat, labels.reshape(-1).long(), ignore_index=ignore_index,
+def cross_entropy_term(logits, labels, ignore_index, label_smoothing, reduction, weight=None):
+    """F.cross_entropy of class-last logits (..., C) with labels (...) or probability targets (..., C) and
+    optional class weights (C,), in float32 or better; reduction none gives one loss per row, (...)."""
+    rows, classes = math.prod(logits.shape[:-1]), logits.shape[-1]
+    target = (_wide(labels).reshape(rows, classes) if labels.is_floating_point() else labels.reshape(-1).long())
+    out = F.cross_entropy(_wide(logits).reshape(rows, classes), target,
+                          weight=None if weight is None else _wide(weight), ignore_index=ignore_index,
                           label_smoothing=label_smoothing, reduction=reduction)
-    return out.reshape(labels.shape) if reduction == "none" else out
+    return out.reshape(logits.shape[:-1]) if reduction == "none" else out
 
 
 def alpha_weighted_cross_entropy(source_logits, source_labels, target_logits, target_labels, alpha,
-                                 ignore_index=-100, label_smoothing=0.0, reduction="mean"):
+                                 ignore_index=-100, label_smoothing=0.0, reduction="mean", source_weight=None,
+                                 target_weight=None):
     terms = []
-    for weight, logits, labels in ((1.0 - alpha, source_logits, source_labels), (alpha, target_logits, target_labels)):
+    for weight, logits, labels, class_weight in ((1.0 - alpha, source_logits, source_labels, source_weight),
+                                                 (alpha, target_logits, target_labels, target_weight)):
         if _is_zero(weight):  # not evaluated at all: a NaN or an empty batch on this side cannot reach the result
-            terms.append(_wide(logits).new_zeros(labels.shape if reduction == "none" else ()))
+            terms.append(_wide(logits).new_zeros(logits.shape[:-1] if reduction == "none" else ()))
         else:
-            loss = cross_entropy_term(logits, labels, ignore_index, label_smoothing, reduction)
+            loss = cross_entropy_term(logits, labels, ignore_index, label_smoothing, reduction, class_weight)
             terms.append((weight * loss).to(loss.dtype))
     return tuple(terms)
 

@@ -94,10 +94,45 @@ inline T smoothed(T nll, T mean_nll, T eps) {
   return (T(1) - eps) * nll + eps * mean_nll;
 }
 
-template <typename T, bool kGrad, bool kSmooth>
-T ce_row_t(const T* x, int64_t C, int64_t y, T eps, T* grad, T scale, double* lse_out) {
+// One vectorised pass over a row with max m: returns sum(exp(x - m)) and, with kSmooth, sets *sx to
+// sum(x - m). With kStore the exponentials are parked in e_row (a per-thread scratch row that stays in
+// L2 for the gradient pass). The row's tail is one masked vector: -inf pads give exp() = 0, pads of m
+// add nothing to sum(x - m).
+template <typename T, bool kStore, bool kSmooth>
+inline T exp_sum(const T* x, int64_t C, T m, T* e_row, T* sx) {
   using V = Vectorized<T>;
   constexpr int64_t W = V::size();
+  const V vm(m);
+  V vs(0), vx(0);
+  int64_t i = 0;
+  for (; i + W <= C; i += W) {
+    V xv = V::loadu(x + i);
+    V e = vexp(xv - vm);
+    if (kStore) e.store(e_row + i);
+    vs = vs + e;
+    if (kSmooth) vx = vx + (xv - vm);
+  }
+  const int64_t rest = C - i;
+  if (rest > 0) {
+    V e = vexp(load_tail(x + i, rest, -std::numeric_limits<T>::infinity()) - vm);
+    if (kStore) e.store(e_row + i, rest);
+    vs = vs + e;
+    if (kSmooth) vx = vx + (load_tail(x + i, rest, m) - vm);  // pads add m - m = 0
+  }
+  if (kSmooth) *sx = at::vec::vec_reduce_all<T>([](V& a, V& b) { return a + b; }, vx);
+  return at::vec::vec_reduce_all<T>([](V& a, V& b) { return a + b; }, vs);
+}
+
+// The per-thread scratch row for the exponentials of a row of C classes.
+template <typename T>
+inline T* scratch_row(int64_t C) {
+  thread_local std::vector<T> row;
+  if (static_cast<int64_t>(row.size()) < C) row.resize(C);
+  return row.data();
+}
+
+template <typename T, bool kGrad, bool kSmooth>
+T ce_row_t(const T* x, int64_t C, int64_t y, T eps, T* grad, T scale, double* lse_out) {
   const T nan = std::numeric_limits<T>::quiet_NaN();
   const T m = row_max(x, C);
   if (!std::isfinite(m)) {  // NaN in the row, +inf, or all -inf: log_softmax is NaN, as in ATen
@@ -105,34 +140,9 @@ T ce_row_t(const T* x, int64_t C, int64_t y, T eps, T* grad, T scale, double* ls
     if (kGrad) fill(grad, C, nan);
     return nan;
   }
-  // sum of exp(x - m) and (label smoothing) of x - m; with kGrad the exponentials are parked in a
-  // per-thread scratch row that stays in L2. The row's tail is one masked vector: -inf pads give
-  // exp() = 0, pads of m add nothing to sum(x - m).
-  thread_local std::vector<T> scratch_row;
-  T* e_row = nullptr;
-  if (kGrad) {
-    if (static_cast<int64_t>(scratch_row.size()) < C) scratch_row.resize(C);
-    e_row = scratch_row.data();
-  }
-  const V vm(m);
-  V vs(0), vx(0);
-  int64_t i = 0;
-  for (; i + W <= C; i += W) {
-    V xv = V::loadu(x + i);
-    V e = vexp(xv - vm);
-    if (kGrad) e.store(e_row + i);
-    vs = vs + e;
-    if (kSmooth) vx = vx + (xv - vm);
-  }
-  const int64_t rest = C - i;
-  if (rest > 0) {
-    V e = vexp(load_tail(x + i, rest, -std::numeric_limits<T>::infinity()) - vm);
-    if (kGrad) e.store(e_row + i, rest);
-    vs = vs + e;
-    if (kSmooth) vx = vx + (load_tail(x + i, rest, m) - vm);  // pads add m - m = 0
-  }
-  const T s = at::vec::vec_reduce_all<T>([](V& a, V& b) { return a + b; }, vs);
-  const T sx = kSmooth ? at::vec::vec_reduce_all<T>([](V& a, V& b) { return a + b; }, vx) : T(0);
+  T* e_row = kGrad ? scratch_row<T>(C) : nullptr;
+  T sx = T(0);
+  const T s = exp_sum<T, kGrad, kSmooth>(x, C, m, e_row, &sx);
   *lse_out = double(m) + double(std::log(s));
   const T off = kSmooth ? eps / T(C) : T(0);
   if (kGrad) {
@@ -232,6 +242,84 @@ void ce_grad_row(const T* x, int64_t C, int64_t y, T eps, double lse, T scale, T
   grad[y] -= scale * (T(1) - eps);
 }
 
+// K = sum(q) of ce_weighted_row (cpu/row_kernels.h), in double: a float sum over 32k classes would
+// drift past float tolerance. The sum over the classes is there only when it is needed (probability
+// targets, or an index with label smoothing).
+template <typename T>
+double weighted_k(int64_t C, int64_t y, const T* t, const T* w, T eps) {
+  const double off = double(eps) / double(C), keep = 1.0 - double(eps);
+  if (t == nullptr && eps == T(0)) return w ? double(w[y]) : 1.0;
+  double k = 0.0;
+  for (int64_t c = 0; c < C; ++c) {
+    const double wc = w ? double(w[c]) : 1.0;
+    k += wc * (t ? keep * double(t[c]) + off : off);
+  }
+  return t ? k : k + keep * (w ? double(w[y]) : 1.0);
+}
+
+// grad = scale * (K * e / s - q) from the row's exponentials e = exp(x - m) (or exp(x - lse), s = 1).
+template <typename T>
+void weighted_grad(const T* e, T inv_s, int64_t C, int64_t y, const T* t, const T* w, T eps, double k, T scale,
+                   T* grad) {
+  const T ks = T(double(scale) * k) * inv_s, keep = T(1) - eps, off = eps / T(C);
+  for (int64_t c = 0; c < C; ++c) {
+    const T tc = t ? keep * t[c] + off : off;
+    grad[c] = e[c] * ks - scale * (w ? w[c] * tc : tc);
+  }
+  if (t == nullptr) grad[y] -= scale * keep * (w ? w[y] : T(1));
+}
+
+template <typename T>
+T ce_weighted_row(const T* x, int64_t C, int64_t y, const T* t, const T* w, T eps, T* grad, T scale, double* lse_out) {
+  const T nan = std::numeric_limits<T>::quiet_NaN();
+  const T m = row_max(x, C);
+  if (!std::isfinite(m)) {  // NaN in the row, +inf, or all -inf: log_softmax is NaN, as in ATen
+    *lse_out = nan;
+    if (grad) fill(grad, C, nan);
+    return nan;
+  }
+  T* e_row = grad ? scratch_row<T>(C) : nullptr;
+  const T s = grad ? exp_sum<T, true, false>(x, C, m, e_row, nullptr)
+                   : exp_sum<T, false, false>(x, C, m, nullptr, nullptr);
+  const T ls = std::log(s);
+  *lse_out = double(m) + double(ls);
+  const double off = double(eps) / double(C), keep = 1.0 - double(eps);
+  // Each class's lse - x[c] as (m - x[c]) + log(s): exact for logits near 1e4, and a -inf logit gives
+  // +inf (times a zero target: NaN, as F's log_softmax * target).
+  double loss;
+  if (t) {
+    double acc = 0.0;
+    for (int64_t c = 0; c < C; ++c) {
+      const double q = (w ? double(w[c]) : 1.0) * (keep * double(t[c]) + off);
+      acc += q * (double(m - x[c]) + double(ls));
+    }
+    loss = acc;
+  } else {
+    const double nll = double((m - x[y]) + ls);
+    loss = keep * ((w ? double(w[y]) : 1.0) * nll);
+    if (eps != T(0)) {
+      double smooth = 0.0;
+      for (int64_t c = 0; c < C; ++c) smooth += (w ? double(w[c]) : 1.0) * (double(m - x[c]) + double(ls));
+      loss += off * smooth;
+    }
+  }
+  if (grad) weighted_grad(e_row, T(1) / s, C, y, t, w, eps, weighted_k(C, y, t, w, eps), scale, grad);
+  return T(loss);
+}
+
+template <typename T>
+void ce_weighted_grad_row(const T* x, int64_t C, int64_t y, const T* t, const T* w, T eps, double lse, T scale,
+                          T* grad) {
+  if (!std::isfinite(lse)) {
+    fill(grad, C, std::numeric_limits<T>::quiet_NaN());
+    return;
+  }
+  // exp(x - lse) into grad first, as (x - hi) - lo (see ce_grad_row), then the weighted gradient in place
+  const T hi = T(lse), lo = T(lse - double(hi));
+  for (int64_t c = 0; c < C; ++c) grad[c] = std::exp((x[c] - hi) - lo);
+  weighted_grad(grad, T(1), C, y, t, w, eps, weighted_k(C, y, t, w, eps), scale, grad);
+}
+
 template <typename T>
 double mse_chunk(const T* x, const T* y, int64_t n, T* grad, T scale, T* elem, T w) {
   using V = Vectorized<T>;
@@ -258,7 +346,8 @@ double mse_chunk(const T* x, const T* y, int64_t n, T* grad, T scale, T* elem, T
 
 template <typename T>
 LossRowFns<T> loss_fns() {
-  return LossRowFns<T>{&ce_row<T>, &ce_rows_small<T>, &ce_grad_row<T>, &mse_chunk<T>};
+  return LossRowFns<T>{&ce_row<T>, &ce_rows_small<T>, &ce_grad_row<T>, &ce_weighted_row<T>, &ce_weighted_grad_row<T>,
+                       &mse_chunk<T>};
 }
 
 }  // namespace
