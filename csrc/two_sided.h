@@ -155,16 +155,21 @@ inline CeSide make_ce_side(const at::Tensor& logits, const at::Tensor& labels,
   return d;
 }
 
-// The number of a CPU side's labels that are not ignore_index. A label outside [0, classes) would index
-// out of its row: IndexError, before any arithmetic (the Python layer then names the argument).
-inline int64_t count_valid_labels(const CeSide& d, int64_t ignore) {
+// F.cross_entropy's divisor for reduction mean of a CPU side: the number of rows whose label is not
+// ignore_index, the sum of their classes' weights with class weights, the number of rows with
+// probability targets. A label outside [0, classes) would index out of its row: IndexError, before any
+// arithmetic (the Python layer then names the argument).
+inline double mean_divisor(const CeSide& d, int64_t ignore) {
+  if (d.soft) return double(d.rows);
+  const at::Tensor w = d.class_weight.defined() ? d.class_weight.to(at::kDouble) : at::Tensor();
+  const double* wp = w.defined() ? w.const_data_ptr<double>() : nullptr;
   const int64_t* y = d.labels.const_data_ptr<int64_t>();
-  int64_t n = 0;
+  double n = 0.0;
   for (int64_t i = 0; i < d.rows; ++i) {
     if (y[i] == ignore) continue;
     TORCH_CHECK_INDEX(y[i] >= 0 && y[i] < d.classes, "label ", y[i], " at flat position ", i, " is outside [0, ",
                       d.classes, ")");
-    ++n;
+    n += wp ? wp[y[i]] : 1.0;
   }
   return n;
 }

@@ -72,24 +72,8 @@ Side make_side(const Tensor& logits, const Tensor& labels, const std::optional<T
   return d;
 }
 
-// F.cross_entropy's divisor for reduction mean: the number of rows whose label is not ignore_index,
-// the sum of their classes' weights with class weights, the number of rows with probability targets.
-// A label outside [0, classes) would index out of the row: IndexError, before any arithmetic (the
-// Python layer names the argument).
-double denominator(const Side& d, int64_t ignore) {
-  if (!d.evaluated) return 0.0;
-  if (d.soft) return double(d.rows);
-  const Tensor w = d.class_weight.defined() ? d.class_weight.to(at::kDouble) : Tensor();
-  const double* wp = w.defined() ? w.const_data_ptr<double>() : nullptr;
-  double n = 0.0;
-  for (int64_t i = 0; i < d.rows; ++i) {
-    if (d.y[i] == ignore) continue;
-    TORCH_CHECK_INDEX(d.y[i] >= 0 && d.y[i] < d.classes, "label ", d.y[i], " at flat position ", i,
-                      " is outside [0, ", d.classes, ")");
-    n += wp ? wp[d.y[i]] : 1.0;
-  }
-  return n;
-}
+// mean's divisor (two_sided.h), 0 for a side that is not evaluated; checks the labels' range
+double denominator(const Side& d, int64_t ignore) { return d.evaluated ? mean_divisor(d, ignore) : 0.0; }
 
 std::array<Side, 2> make_sides(const Tensor& sl, const Tensor& sy, const Tensor& tl, const Tensor& ty,
                                const Tensor& alpha, int64_t reduction, const std::optional<Tensor>& sw,

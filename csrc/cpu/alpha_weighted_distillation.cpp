@@ -52,7 +52,7 @@ Call make_call(const Tensor& logits, const Tensor& labels, const Tensor& teacher
   c.kd = c.w_kd != 0.0;
   c.ce = c.w_ce != 0.0;
   // Labels are checked before any arithmetic, so a bad label leaves nothing half-written.
-  c.valid = c.ce ? count_valid_labels(c.student, ignore) : 0;
+  c.valid = c.ce ? static_cast<int64_t>(mean_divisor(c.student, ignore)) : 0;  // a count: no weights
   c.z = c.student.logits.const_data_ptr();
   c.t = c.teacher.const_data_ptr();
   c.y = c.student.labels.const_data_ptr<int64_t>();
