@@ -9,7 +9,7 @@
 // The two terms are returned apart, `(distill_term, ce_term)`, already weighted, in the accumulation
 // type (two_sided.h): the distillation is the "source" side of the two-sided conventions (weight
 // 1 - alpha), the cross-entropy the "target" side (weight alpha). Reduction mean averages the CE over
-// non-ignored rows and the KL over all rows (F.kl_div's "batchmean"); every row is distilled, whatever
+// non-ignored rows and the KL over all (flattened) rows; every row is distilled, whatever
 // its label.
 #pragma once
 #include <ATen/core/Tensor.h>

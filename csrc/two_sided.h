@@ -136,7 +136,9 @@ inline CeSide make_ce_side(const at::Tensor& logits, const at::Tensor& labels,
   } else {
     d.label_sizes = labels.sizes().vec();
     d.rows = labels.numel();
-    TORCH_CHECK(d.rows * d.classes == logits.numel(), "logits must be (..., C) with one label per row");
+    // the per-row loss has the labels' shape, and the fake kernels say logits.shape[:-1]: the two agree
+    TORCH_CHECK(labels.sizes() == logits.sizes().slice(0, logits.dim() - 1),
+                "labels must have the shape of logits (..., C) without its class dimension");
   }
   TORCH_CHECK(d.classes > 0 || d.rows == 0, "logits with 0 classes must have 0 rows");
   at::Tensor l2 = logits.reshape({d.rows, d.classes});

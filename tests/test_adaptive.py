@@ -130,9 +130,11 @@ def test_lwf_teacher_is_the_model_before_adaptation_frozen_and_never_updated():
     assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in snapshot.items())  # never updated
     assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
     trained = {id(p) for g in tr.optimizer.param_groups for p in g["params"]}
-    assert not trained & {id(p) for p in teacher.parameters()}
+    assert trained == {id(p) for p in net.parameters()}  # the optimizer holds the model's, not the teacher's
     assert not torch.equal(net.state_dict()["head.weight"], snapshot["head.weight"])  # the model did train
-    assert tr.distill_classes == 3  # the head's size before extend_head
+    assert tr._distill_k == 3  # the head's size before extend_head
+    # trained now: a next LwF fit's teacher knows all 5 classes
+    assert not hasattr(net.head, "grown_from") and tr.distill_classes == 5
     assert tr.memory is None and "source_acc" not in hist.history  # no source sample stored or seen
     assert hist.forgetting is not None and hist.target_acc is not None
 

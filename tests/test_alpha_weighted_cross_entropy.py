@@ -399,8 +399,11 @@ def test_direct_op_call_is_memory_safe():
         op(sl, sy, tl, ty, a, -100, 0.0, 7)
     with pytest.raises(IndexError, match="label 9 at flat position 1"):
         op(sl, torch.tensor([0, 9, 1, 2]), tl, ty, a, -100, 0.0, 1)
-    with pytest.raises(RuntimeError, match="one label per row"):
+    with pytest.raises(RuntimeError, match="labels must have the shape of logits"):
         op(sl, torch.tensor([0, 1]), tl, ty, a, -100, 0.0, 1)
+    with pytest.raises(RuntimeError, match="labels must have the shape of logits"):
+        # flattened labels for (N, d, C) logits: the fake kernels would give the loss another shape
+        op(sl.reshape(2, 2, 5), sy, tl, ty, a, -100, 0.0, 0)
     with pytest.raises(RuntimeError, match="share a dtype"):
         op(sl, sy, tl.double(), ty, a, -100, 0.0, 1)
     with pytest.raises(RuntimeError, match="one value per class"):
@@ -682,8 +685,8 @@ def test_soft_targets_class_dim_1_and_class_last(backend, device, reduction):
     for class_dim, (xs, ps) in ((1, (x, p)), (-1, (x.movedim(1, -1), p.movedim(1, -1)))):
         sl, sy = xs.clone().requires_grad_(), ps.detach().clone().requires_grad_()
         tl = xs.clone().requires_grad_()
-        ty = y if class_dim == -1 else y  # class indices keep their (N, d) shape either way
-        out, ref, g, rg = run_both(sl, sy, tl, ty, 0.3, reduction, 0.1, class_dim=class_dim, source_weight=w)
+        # class indices keep their (N, d) shape in either layout
+        out, ref, g, rg = run_both(sl, sy, tl, y, 0.3, reduction, 0.1, class_dim=class_dim, source_weight=w)
         check(out, ref, g, rg, torch.float32, reduction)
         if reduction == "none":
             assert out[0].shape == (3, 5)
@@ -834,6 +837,9 @@ def test_module_takes_soft_targets_and_class_weights(backend):
     assert_close(got, ref, torch.float32, "module loss")
     assert torch.equal(got, fastadapt.alpha_weighted_cross_entropy(sl, sy, tl, ty, 0.3, source_weight=sw,
                                                                    target_weight=tw, label_smoothing=0.05))
+    # the weights are buffers, as nn.CrossEntropyLoss's: in the state dict, moved by .to(), not in repr
+    assert set(mod.state_dict()) == {"source_weight", "target_weight"}
+    assert mod.to(torch.float64).target_weight.dtype == torch.float64 and "tensor" not in repr(mod)
 
 
 def _soft_good():

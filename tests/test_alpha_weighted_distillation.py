@@ -197,6 +197,22 @@ def test_large_common_offset_and_masked_teacher_class(backend, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_masked_student_class_the_teacher_gives_no_mass(backend, device):
+    """A student logit of -inf (a masked class) where the teacher's probability underflows to 0 adds
+    nothing to the KL (q log(q/p) -> 0 as q -> 0), not NaN from inf * 0. (F.kl_div itself computes
+    0 * inf there and gives NaN, so the reference sums over the classes the teacher gives mass.)"""
+    z = torch.tensor([[float("-inf"), 0.0], [0.0, 1.0]], device=device)
+    t = torch.tensor([[0.0, 1000.0], [0.5, 0.0]], device=device)
+    y = torch.tensor([1, 0], device=device)
+    out = fastadapt.alpha_weighted_distillation(z, y, t, 0.3, 1.0)
+    q = F.softmax(t.double(), -1)
+    kl = torch.where(q > 0, q * (q.log() - F.log_softmax(z.double(), -1)), 0.0).sum(-1).mean()
+    ref = 0.3 * F.cross_entropy(z.double(), y) + 0.7 * kl
+    assert torch.isfinite(ref) and torch.isfinite(out)
+    assert_close(out, ref, torch.float32, "loss", scale=float(ref))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_nan_teacher_row_poisons_only_that_row(backend, device):
     z, y, t = make_inputs((4,), 6, 6, device, ignore_frac=0.0)
     t[2, 1] = float("nan")
@@ -224,14 +240,21 @@ def test_grad_output_per_term_and_retain_graph(backend):
         assert_close(z.grad, z64.grad, torch.float32, f"grad of term {keep}")
 
 
-def test_deterministic_repeats(backend):
-    z, y, t = make_inputs((64,), 300, 200, "cpu")
+def test_deterministic_repeats_and_thread_counts(backend):
+    """The same bits on every run and with 1 or 2 threads: 1000 rows of 300 classes are several
+    parallel chunks, whose partial sums are combined in a fixed order."""
+    z, y, t = make_inputs((1000,), 300, 200, "cpu")
     runs = []
-    for _ in range(3):
-        z.grad = None
-        out = fastadapt.alpha_weighted_distillation(z, y, t, 0.3, 2.0)
-        out.backward()
-        runs.append((out.detach(), z.grad.clone()))
+    threads = torch.get_num_threads()
+    try:
+        for n in (2, 1, 2):
+            torch.set_num_threads(n)
+            z.grad = None
+            out = fastadapt.alpha_weighted_distillation(z, y, t, 0.3, 2.0)
+            out.backward()
+            runs.append((out.detach(), z.grad.clone()))
+    finally:
+        torch.set_num_threads(threads)
     for out, grad in runs[1:]:
         assert torch.equal(out, runs[0][0]) and torch.equal(grad, runs[0][1])
 
@@ -367,6 +390,10 @@ def test_direct_op_call_is_memory_safe():
         op(z, y, t, a, 0.0)
     with pytest.raises(IndexError):
         op(z, torch.tensor([0, 9, 1, 2]), t, a, 2.0)
+    with pytest.raises(RuntimeError, match="class indices"):
+        op(z, torch.rand(z.shape), t, a, 2.0)
+    with pytest.raises(RuntimeError, match="teacher_logits must not require grad"):
+        op(z, y, t.clone().requires_grad_(), a, 2.0)
 
 
 # ---- CUDA conventions (no host sync) ----------------------------------------------------------

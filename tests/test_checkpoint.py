@@ -1,5 +1,6 @@
 """Checkpoints: atomic writes (interrupted in-process and by SIGKILL), exact resume, weights_only safety."""
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -170,11 +171,11 @@ def test_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
     assert h_full.history == h_res.history and h_res.epoch == [0, 1, 2, 3]
 
 
-def _adaptive_run(epochs, resume_from=None, save_to=None, strategy="replay"):
+def _adaptive_run(epochs, resume_from=None, save_to=None, strategy="replay", grow=True):
     Xs, ys = blobs(90, classes=(0, 1, 2), seed=1)
     Xt, yt = blobs(60, classes=(3, 4), seed=2)
     torch.manual_seed(5)
-    net = extend_head(MLP(8, (16,), 3), 2)
+    net = extend_head(MLP(8, (16,), 3), 2) if grow else MLP(8, (16,), 5)
     replays = strategy != "lwf"
     tr = AdaptiveTrainer(net, alpha=lambda s: 0.5 + 0.01 * s, strategy=strategy, memory_size=20 if replays else None,
                          batch_size=16, seed=3, progress_bar=False)
@@ -187,11 +188,12 @@ def _adaptive_run(epochs, resume_from=None, save_to=None, strategy="replay"):
 
 @pytest.mark.parametrize("strategy", ["replay", "lwf", "replay+lwf"])
 def test_adaptive_two_epochs_then_resume_two_is_bitwise_equal_to_four(tmp_path, strategy):
-    """Under LwF the resumed run distils from the checkpoint's teacher (the model before adaptation),
-    not from the half-adapted model it resumes."""
+    """Under LwF the resumed run distils from the checkpoint's teacher (the model before adaptation)
+    and its 3 old classes, not from the half-adapted model it resumes: here a 5-way model built afresh,
+    whose head does not record what it grew from."""
     full, h_full, _ = _adaptive_run(4, strategy=strategy)
     _adaptive_run(2, save_to=tmp_path / "ck", strategy=strategy)
-    resumed, h_res, tr = _adaptive_run(4, resume_from=tmp_path / "ck", strategy=strategy)
+    resumed, h_res, tr = _adaptive_run(4, resume_from=tmp_path / "ck", strategy=strategy, grow=False)
     assert all(torch.equal(v, resumed.state_dict()[k]) for k, v in full.state_dict().items())
     assert h_full.history == h_res.history
     assert h_full.source_acc_before == h_res.source_acc_before and h_full.forgetting == h_res.forgetting
@@ -199,6 +201,17 @@ def test_adaptive_two_epochs_then_resume_two_is_bitwise_equal_to_four(tmp_path, 
         torch.manual_seed(5)
         before = extend_head(MLP(8, (16,), 3), 2)
         assert all(torch.equal(v, tr.teacher.state_dict()[k]) for k, v in before.state_dict().items())
+        assert tr._distill_k == 3
+
+
+def test_resume_with_another_strategy_is_refused(tmp_path):
+    _adaptive_run(1, save_to=tmp_path / "replay", strategy="replay")
+    _adaptive_run(1, save_to=tmp_path / "lwf", strategy="lwf")
+    with pytest.raises(ValueError, match=re.escape("the checkpoint holds no teacher (a replay run) but "
+                                                   "strategy='lwf'; resume it with the strategy it was saved with")):
+        _adaptive_run(2, resume_from=tmp_path / "replay", strategy="lwf")
+    with pytest.raises(ValueError, match=re.escape("the checkpoint holds an LwF teacher but strategy='replay'")):
+        _adaptive_run(2, resume_from=tmp_path / "lwf", strategy="replay")
 
 
 # ---- weights_only ----------------------------------------------------------------------------------

@@ -75,6 +75,8 @@ struct AlphaWeightedDistillation : torch::autograd::Function<AlphaWeightedDistil
 std::tuple<Tensor, Tensor> autograd_kernel(const Tensor& logits, const Tensor& labels, const Tensor& teacher,
                                            const Tensor& alpha, double temperature, int64_t ignore_index,
                                            double label_smoothing, int64_t reduction) {
+  // a direct op call with a teacher that requires grad would silently get none
+  TORCH_CHECK(!teacher.requires_grad(), "teacher_logits must not require grad: the teacher gets no gradient");
   auto out = AlphaWeightedDistillation::apply(logits, labels, teacher, alpha, temperature, ignore_index,
                                               label_smoothing, reduction);
   return {out[0], out[1]};

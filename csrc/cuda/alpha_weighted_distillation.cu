@@ -92,6 +92,13 @@ __device__ __forceinline__ Stats<A> init() {
   return Stats<A>{ninf, A(0), ninf, A(0), ninf, A(0), A(0), 0.0, 0, 0};
 }
 
+// a * r, where r == 0 is a teacher weight that underflowed: 0 even when a is +inf (a student logit of
+// -inf), since 0 * log 0 = 0 in the KL, as F.kl_div and the CPU kernel have it
+template <typename A>
+__device__ __forceinline__ A vanish(A a, A r) {
+  return r == A(0) ? A(0) : a * r;
+}
+
 // Folds v (weight 1, and w into a second sum when kW) into (m, s[, sw]). A -inf adds nothing (and a
 // class the teacher gives probability 0 adds nothing to the KL: 0 * log 0 = 0); a NaN sets the flag.
 template <typename A, bool kW>
@@ -103,12 +110,12 @@ __device__ __forceinline__ void fold(A& m, A& s, A& sw, A v, A w, int& nan) {
   if (v > m) {
     const A r = dexp(m - v);  // 0 while m is -inf
     s = s * r + A(1);
-    if (kW) sw = sw * r + w;
+    if (kW) sw = vanish(sw, r) + w;
     m = v;
   } else {
     const A e = dexp(v - m);
     s += e;
-    if (kW) sw += e * w;
+    if (kW) sw += vanish(w, e);
   }
 }
 
@@ -119,7 +126,7 @@ __device__ __forceinline__ void merge_pair(A& m, A& s, A& sw, A m2, A s2, A sw2)
   if (mn == -dinf<A>()) return;
   const A r1 = dexp(m - mn), r2 = dexp(m2 - mn);
   s = s * r1 + s2 * r2;
-  if (kW) sw = sw * r1 + sw2 * r2;
+  if (kW) sw = vanish(sw, r1) + vanish(sw2, r2);
   m = mn;
 }
 

@@ -16,7 +16,6 @@ from fastadapt.apps import plotting, workflows
 SOURCE, TARGET = "digits:0-4", "digits:5-9"
 MEMORY = 100
 SHOTS = 5  # labels per class for the transfer comparison: where pretraining is supposed to help most
-TEMPERATURE = 2.0
 
 # Two continual-learning scenarios on the same data. The alphas were chosen on seeds 0-4 (BENCHMARKS.md,
 # issue 12): the same seeds the README reports, so read those numbers as tuned, not held out.
@@ -66,9 +65,8 @@ def run_scenario(name: str, output: str, *, seed: int = 0, quiet: bool = False, 
     alphas = spec["alphas"]
     adapt_rows = [workflows.adapt(task, path, 1.0, None, cfg, name="naive (alpha=1)"),
                   workflows.adapt(task, path, alphas["replay"], MEMORY, cfg),
-                  workflows.adapt(task, path, alphas["lwf"], None, cfg, strategy="lwf", temperature=TEMPERATURE),
-                  workflows.adapt(task, path, alphas["replay+lwf"], MEMORY, cfg, strategy="replay+lwf",
-                                  temperature=TEMPERATURE),
+                  workflows.adapt(task, path, alphas["lwf"], None, cfg, strategy="lwf"),
+                  workflows.adapt(task, path, alphas["replay+lwf"], MEMORY, cfg, strategy="replay+lwf"),
                   workflows.adapt(task, path, 0.5, None, cfg, name="joint (all source)")]
     head = "extend_head 5 -> 10" if task.target_classes != task.source_classes else "the same 10-way head"
     say(f"\nadapt to {target} ({head}); replay memory of {MEMORY} source samples, lwf stores none")

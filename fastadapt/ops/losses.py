@@ -116,7 +116,11 @@ class AlphaWeightedLoss(nn.Module):
 
     ``kind`` is ``"cross_entropy"`` or ``"mse"``; other keyword options go to the functional form.
     ``alpha`` may be reassigned between steps (a float, or a 0-dim tensor for schedules under compile).
+    Class weights (``source_weight``, ``target_weight``) are buffers, as ``nn.CrossEntropyLoss``'s
+    ``weight``: ``.to(device)`` moves them and the state dict holds them.
     """
+
+    _WEIGHTS = ("source_weight", "target_weight")
 
     _KINDS = {"cross_entropy": alpha_weighted_cross_entropy, "mse": alpha_weighted_mse}
     _OPTIONS = {"cross_entropy": {"ignore_index", "label_smoothing", "reduction", "class_dim", "source_weight",
@@ -135,10 +139,13 @@ class AlphaWeightedLoss(nn.Module):
             _validate.check_alpha_value(float(alpha))
         self.alpha = alpha
         self.kind = kind
+        for name in self._WEIGHTS:
+            self.register_buffer(name, options.pop(name, None))
         self.options = options
 
     def forward(self, source_out, source_y, target_out, target_y):
-        return self._KINDS[self.kind](source_out, source_y, target_out, target_y, self.alpha, **self.options)
+        weights = {name: getattr(self, name) for name in self._WEIGHTS if getattr(self, name) is not None}
+        return self._KINDS[self.kind](source_out, source_y, target_out, target_y, self.alpha, **self.options, **weights)
 
     def extra_repr(self) -> str:
         alpha = float(self.alpha) if not isinstance(self.alpha, torch.Tensor) or self.alpha.device.type == "cpu" else "tensor"

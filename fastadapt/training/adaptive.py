@@ -14,7 +14,7 @@ from fastadapt.training.batches import PairedBatches
 from fastadapt.training.config import AdaptiveConfig, check_alpha
 from fastadapt.training.data import as_dataset, check_labels, feature_shape, tensors_of
 from fastadapt.training.loop import Trainer, ValSet, _logits_f32
-from fastadapt.training.surgery import get_head, load_state
+from fastadapt.training.surgery import forget_growth, get_head, load_state
 
 
 def replay_indices(labels: torch.Tensor, size: int, seed: int) -> torch.Tensor:
@@ -56,7 +56,8 @@ class AdaptiveTrainer(Trainer):
         super().__init__(model, config, callbacks=callbacks, **options)
         self.memory: TensorDataset | None = None
         self.teacher: torch.nn.Module | None = None
-        self._teacher_state = None  # a checkpoint's teacher, until on_fit_start rebuilds it
+        self._teacher_state = None  # a checkpoint's (teacher weights, distill_classes), until on_fit_start
+        self._distill_k = 0
         # alpha for the loss: a float in eager mode (the loss keeps one tensor per value); under
         # compile=True a preallocated 0-dim tensor refilled in place, so a schedule does not recompile
         self._alpha_value = 0.0
@@ -132,7 +133,8 @@ class AdaptiveTrainer(Trainer):
         logits = _logits_f32(self._net(x))
         cfg = self.config
         alpha = self._alpha if cfg.compile else self._alpha_value
-        if not cfg.distills:
+        # alpha = 1 weighs the distillation 0: in eager mode the teacher's forward is skipped too
+        if not cfg.distills or (not cfg.compile and alpha == 1.0):
             loss = alpha_weighted_cross_entropy(logits[:ns], y[:ns], logits[ns:], y[ns:], alpha)
         elif not cfg.replays:
             loss = alpha_weighted_distillation(logits, y, self._teacher_logits(x), alpha, cfg.temperature)
@@ -181,12 +183,15 @@ class AdaptiveTrainer(Trainer):
     def _make_teacher(self):
         """The frozen teacher: the model as it is now, or as it was when a resumed run started."""
         self.teacher = copy.deepcopy(self.model).eval().requires_grad_(False)
-        if self._teacher_state is not None:
-            load_state(self.teacher, self._teacher_state, source="the checkpoint's teacher")
-            self._teacher_state = None
-        self._distill_k = self.distill_classes
+        if self._teacher_state is None:
+            self._distill_k = self.distill_classes
+            return
+        weights, self._distill_k = self._teacher_state
+        load_state(self.teacher, weights, source="the checkpoint's teacher")
+        self._teacher_state = None
 
     def on_fit_end(self):
+        forget_growth(self.model)  # the grown head's new classes are trained now: a next teacher knows them all
         if "source_" in self._val_sets:
             self.history.source_acc_after = self._evaluate(self._val_sets["source_"])["acc"]
         self.history.target_acc = self._evaluate(self._val_sets["target_"])["acc"]
@@ -195,8 +200,15 @@ class AdaptiveTrainer(Trainer):
         state = super()._trainer_state()
         if self.teacher is not None:
             state["teacher"] = self.teacher.state_dict()
+            state["distill_classes"] = self._distill_k
         return state
 
     def _restore(self, state):
-        self._teacher_state = state.get("teacher")
+        # a resumed run distils from the teacher it started with, or from none: a checkpoint of another
+        # strategy would silently change what the run learns
+        if self.config.distills != ("teacher" in state):
+            saved = "an LwF teacher" if "teacher" in state else "no teacher (a replay run)"
+            raise ValueError(f"the checkpoint holds {saved} but strategy={self.config.strategy!r}; resume it with "
+                             f"the strategy it was saved with")
+        self._teacher_state = (state["teacher"], int(state["distill_classes"])) if "teacher" in state else None
         super()._restore(state)

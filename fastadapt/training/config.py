@@ -92,10 +92,10 @@ class AdaptiveConfig(TrainConfig):
     Forgetting), ``T^2 * KL(teacher || model)`` at ``temperature`` T on the target inputs, the teacher
     being the model as it was when ``fit`` started, so no source sample is stored; ``"replay+lwf"``,
     both: the replayed samples' cross-entropy plus the distillation of target and replayed samples
-    (weighted ``1 - alpha`` each). ``distill_classes``:
-    how many of the head's first classes the teacher knows (default: the head's size before its last
-    ``extend_head``, else all). ``memory_size``: a replay memory of that many class-balanced source
-    samples instead of the whole source stream (None)."""
+    (weighted ``1 - alpha`` each). ``distill_classes``: how many of the head's first classes the
+    teacher knows (default: the head's size before its last ``extend_head`` if no fit has trained it
+    since, else all; a resumed run keeps its checkpoint's). ``memory_size``: a replay memory of that
+    many class-balanced source samples instead of the whole source stream (None)."""
 
     alpha: float | Callable = 0.5
     strategy: str = "replay"

@@ -137,6 +137,11 @@ def extend_head(model: nn.Module, num_new_classes: int) -> nn.Module:
     return model
 
 
+def forget_growth(model: nn.Module) -> None:
+    """Drops the head's ``grown_from`` once training has taught it the new classes."""
+    get_head(model)[1].__dict__.pop("grown_from", None)
+
+
 def load_pretrained(path_or_module, model: nn.Module | None = None) -> nn.Module:
     """A pretrained model from a ``.safetensors``/``.pt`` file or a module.
 
