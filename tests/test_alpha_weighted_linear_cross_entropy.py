@@ -1,7 +1,7 @@
 """fastadapt.alpha_weighted_linear_cross_entropy against the unfused composition in float64 (F.linear +
-F.cross_entropy, helpers.linear_ce_oracle). Work in progress (issue 13): only the pure-PyTorch chunked
-implementation exists, so there is no backend fixture yet; small chunk sizes make every case span
-several chunks."""
+F.cross_entropy, helpers.linear_ce_oracle), through the compiled CPU op and the pure-PyTorch chunked
+fallback (the `backend` fixture; the compiled op serves reduction mean/sum, reduction none takes the
+fallback on both). Small chunk sizes make every case span several chunks. Work in progress (issue 13)."""
 import itertools
 import math
 
@@ -12,7 +12,7 @@ from torch import nn
 
 import fastadapt
 from fastadapt.ops import linear_cross_entropy as lce
-from helpers import assert_close, grad_or_zeros, linear_ce_oracle
+from helpers import assert_close, grad_or_zeros, linear_ce_oracle, use_backend
 
 REDUCTIONS = ["mean", "sum", "none"]
 D = 7
@@ -77,7 +77,7 @@ def check(out, ref, pairs, dtype, reduction):
 @pytest.mark.parametrize("alpha", [0.0, 0.37, 1.0])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("bias", [True, False])
-def test_parity_shapes(rows, v, alpha, reduction, bias):
+def test_parity_shapes(backend, rows, v, alpha, reduction, bias):
     sh, sy = make_side(rows[0], v)
     th, ty = make_side(rows[1], v)
     w, b = make_head(v, bias=bias)
@@ -91,7 +91,7 @@ def test_parity_shapes(rows, v, alpha, reduction, bias):
                                                          (0.2, 1e-2, 2.5)])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("alpha", [0.0, 0.37, 1.0])
-def test_parity_options(smoothing, z_loss, softcap, reduction, alpha):
+def test_parity_options(backend, smoothing, z_loss, softcap, reduction, alpha):
     sh, sy = make_side(19, 33, ignore_frac=0.3)
     th, ty = make_side(11, 33, ignore_frac=0.3)
     w, b = make_head(33)
@@ -102,7 +102,7 @@ def test_parity_options(smoothing, z_loss, softcap, reduction, alpha):
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("z_loss", [0.0, 1e-2])
-def test_all_ignored_side(reduction, z_loss):
+def test_all_ignored_side(backend, reduction, z_loss):
     """A side whose every row is ignored: its mean is F's NaN with zero gradients; sum and none give 0."""
     sh, sy = make_side(6, 5)
     sy[:] = -100
@@ -114,7 +114,7 @@ def test_all_ignored_side(reduction, z_loss):
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_frozen_head(reduction):
+def test_frozen_head(backend, reduction):
     """A frozen weight and bias get no gradient and cost no weight-gradient work; the hiddens still get theirs."""
     sh, sy = make_side(10, 33)
     th, ty = make_side(7, 33)
@@ -125,7 +125,8 @@ def test_frozen_head(reduction):
 
 
 def test_frozen_head_skips_weight_gemm(monkeypatch):
-    """No weight-gradient GEMM for a frozen head: the chunked pass is handed no grad_weight buffer."""
+    """No weight-gradient GEMM for a frozen head: the fallback's chunked pass is handed no grad_weight
+    buffer (the compiled op's node asks for no weight gradient: write_grad[2] is the weight's requires_grad)."""
     seen = []
     real = lce._side_pass
 
@@ -137,12 +138,13 @@ def test_frozen_head_skips_weight_gemm(monkeypatch):
     sh, sy = make_side(5, 9)
     th, ty = make_side(5, 9)
     w, _ = make_head(9, bias=False, frozen=True)
-    fastadapt.alpha_weighted_linear_cross_entropy(sh, sy, th, ty, w).backward()
+    with use_backend("fallback"):
+        fastadapt.alpha_weighted_linear_cross_entropy(sh, sy, th, ty, w).backward()
     assert seen == [False, False]
     assert sh.grad is not None and torch.isfinite(sh.grad).all() and sh.grad.abs().sum() > 0
 
 
-def test_leading_dims_and_label_dtype():
+def test_leading_dims_and_label_dtype(backend):
     """(batch, seq, D) hidden with (batch, seq) int32 labels, as a language model has them."""
     sh, sy = make_side(5, 33, lead=(2,))
     th, ty = make_side(4, 33, lead=(3,))
@@ -152,7 +154,7 @@ def test_leading_dims_and_label_dtype():
     check(out, ref, pairs, torch.float32, "none")
 
 
-def test_bfloat16():
+def test_bfloat16(backend):
     sh, sy = make_side(17, 33, torch.bfloat16, ignore_frac=0.2)
     th, ty = make_side(9, 33, torch.bfloat16)
     w, b = make_head(33, torch.bfloat16)
@@ -161,7 +163,7 @@ def test_bfloat16():
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_gradcheck(reduction):
+def test_gradcheck(backend, reduction):
     sh, sy = make_side(4, 5, torch.float64, ignore_frac=0.3)
     th, ty = make_side(3, 5, torch.float64)
     w, b = make_head(5, torch.float64)
@@ -175,7 +177,7 @@ def test_gradcheck(reduction):
     assert torch.autograd.gradcheck(f, (sh, th, w, b))
 
 
-def test_chunk_size_does_not_change_the_result():
+def test_chunk_size_does_not_change_the_result(backend):
     """Chunks change only the order of grad_weight's sums: equal to float32 rounding, and bit-identical
     when rerun with the same chunk size (determinism)."""
     sh, sy = make_side(37, 33, ignore_frac=0.2)
@@ -195,7 +197,7 @@ def test_chunk_size_does_not_change_the_result():
         assert_close(a, c, torch.float32, "chunk 1 against chunk 64")
 
 
-def test_matches_alpha_weighted_cross_entropy():
+def test_matches_alpha_weighted_cross_entropy(backend):
     """The definition: alpha_weighted_cross_entropy of the two sides' F.linear logits."""
     sh, sy = make_side(9, 33, ignore_frac=0.3)
     th, ty = make_side(13, 33)
@@ -211,7 +213,7 @@ def test_matches_alpha_weighted_cross_entropy():
         assert_close(g, r, torch.float32, "gradient")
 
 
-def test_module_wraps_a_linear_head_without_copying():
+def test_module_wraps_a_linear_head_without_copying(backend):
     head = nn.Linear(D, 33)
     loss_fn = fastadapt.AlphaWeightedLinearCrossEntropy(head, alpha=0.25, chunk_size=4, label_smoothing=0.05)
     assert list(loss_fn.parameters()) == []  # the model owns the head's parameters, not the loss
@@ -256,8 +258,13 @@ def _args(**over):
     (dict(source_labels=torch.tensor([0, 5, 1])), IndexError, r"source_labels contains the label 5 \(at flat pos"),
     (dict(target_labels=torch.tensor([-1, 0])), IndexError, "target_labels contains the label -1"),
 ])
-def test_errors_named_before_compute(over, exc, match, monkeypatch):
-    monkeypatch.setattr(lce, "_side_pass", lambda *a: pytest.fail("a chunk ran before the arguments were checked"))
+def test_errors_named_before_compute(backend, over, exc, match, monkeypatch):
+    def fail(*a):
+        pytest.fail("a kernel ran before the arguments were checked")
+
+    monkeypatch.setattr(lce, "_side_pass", fail)
+    if lce._LINEAR_CE is not None:
+        monkeypatch.setattr(lce, "_LINEAR_CE", fail)
     with pytest.raises(exc, match=match):
         fastadapt.alpha_weighted_linear_cross_entropy(**_args(**over))
 
@@ -271,12 +278,12 @@ def test_errors_named_before_compute(over, exc, match, monkeypatch):
     (dict(alpha=1.5), ValueError, "alpha must lie in"),
     (dict(label_smoothing=2.0), ValueError, "label_smoothing must lie in"),
 ])
-def test_option_errors(kw, exc, match):
+def test_option_errors(backend, kw, exc, match):
     with pytest.raises(exc, match=match):
         fastadapt.alpha_weighted_linear_cross_entropy(**_args(), **kw)
 
 
-def test_zero_weight_side_is_not_read():
+def test_zero_weight_side_is_not_read(backend):
     """alpha = 1: the source side's labels are neither range-checked nor read, and NaN hiddens cannot reach the loss."""
     sh, sy = make_side(4, 5)
     with torch.no_grad():
@@ -289,7 +296,7 @@ def test_zero_weight_side_is_not_read():
     assert torch.all(sh.grad == 0)
 
 
-def test_combinations_of_required_grads():
+def test_combinations_of_required_grads(backend):
     """Any subset of (source_hidden, target_hidden, weight) requiring grad gets exactly its gradients."""
     for req in itertools.product([False, True], repeat=3):
         if not any(req):
@@ -302,3 +309,95 @@ def test_combinations_of_required_grads():
         out, ref, pairs = run_both(sh, sy, th, ty, w, None, 0.6, "sum", chunk_size=2)
         check(out, ref, pairs, torch.float32, "sum")
         assert [t.grad is not None for t in (sh, th, w)] == list(req)
+
+
+compiled_only = pytest.mark.skipif(not fastadapt.has_ops() or lce._LINEAR_CE is None,
+                                   reason="compiled extension (with the linear cross-entropy op) not loaded")
+
+
+def _op_args(requires_grad, bias=True, reduction=1, softcap=None):
+    sh, sy = make_side(9, 33, ignore_frac=0.2)
+    th, ty = make_side(6, 33)
+    w, b = make_head(33, bias=bias)
+    for t in (sh, th, w, b):
+        if t is not None:
+            t.requires_grad_(requires_grad)
+    return (sh, sy, th, ty, w, b, torch.tensor(0.37, dtype=torch.float64), -100, 0.1, reduction, 1e-3, softcap, 4)
+
+
+@compiled_only
+@pytest.mark.parametrize("requires_grad", [False, True])
+@pytest.mark.parametrize("bias, reduction, softcap", [(True, 1, None), (False, 2, 3.0)])
+def test_opcheck(requires_grad, bias, reduction, softcap):
+    args = _op_args(requires_grad, bias, reduction, softcap)
+    torch.library.opcheck(torch.ops.fastadapt.alpha_weighted_linear_cross_entropy.default, args)
+    internal = tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in args)
+    torch.library.opcheck(torch.ops.fastadapt._alpha_weighted_linear_cross_entropy_forward.default,
+                          (*internal, [True, True, True, bias]))
+
+
+@compiled_only
+def test_compiled_op_serves_mean_and_sum():
+    """reduction mean/sum on the CPU goes through the C++ op and its autograd node; none through the fallback."""
+    with use_backend("compiled"):
+        sh, sy = make_side(5, 9)
+        th, ty = make_side(4, 9)
+        w, b = make_head(9)
+        for reduction in ("mean", "sum"):
+            out = fastadapt.alpha_weighted_linear_cross_entropy(sh, sy, th, ty, w, b, reduction=reduction)
+            assert "AlphaWeightedLinearCrossEntropy" in out.grad_fn.name()
+        out = fastadapt.alpha_weighted_linear_cross_entropy(sh, sy, th, ty, w, b, reduction="none")
+        assert "_ChunkedLinearCrossEntropy" in out[0].grad_fn.name()
+
+
+@compiled_only
+@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(compile_backend):
+    """No graph break (PyTorch's own chunked F.linear_cross_entropy falls back to eager under compile), and
+    the same values and gradients as eager; a tensor alpha changes without a recompile."""
+    sh, sy = make_side(20, 33, ignore_frac=0.2)
+    th, ty = make_side(15, 33)
+    w, b = make_head(33)
+
+    def step(a, c, w, b, alpha):
+        return fastadapt.alpha_weighted_linear_cross_entropy(a, sy, c, ty, w, b, alpha, label_smoothing=0.1,
+                                                             z_loss=1e-3, softcap=5.0, chunk_size=8) * 2.0
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend=compile_backend)
+    with use_backend("compiled"):
+        for alpha in (0.3, 0.9):
+            a_t = torch.tensor(alpha, dtype=torch.float64)
+            results = []
+            for fn in (compiled, step):
+                for t in (sh, th, w, b):
+                    t.grad = None
+                out = fn(sh, th, w, b, a_t)
+                out.backward()
+                results.append([out.detach()] + [t.grad.clone() for t in (sh, th, w, b)])
+            for got, ref in zip(*results):
+                assert_close(got, ref, torch.float32, f"compiled against eager, alpha={alpha}")
+
+
+@compiled_only
+def test_deterministic_across_thread_counts():
+    """For a given chunk size the compiled op's loss and gradients are bit-identical at 1 and 2 threads."""
+    sh, sy = make_side(70, 257, ignore_frac=0.1)
+    th, ty = make_side(50, 257)
+    w, b = make_head(257)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        with use_backend("compiled"):
+            for n in (1, 2, 1):
+                torch.set_num_threads(n)
+                for t in (sh, th, w, b):
+                    t.grad = None
+                loss = fastadapt.alpha_weighted_linear_cross_entropy(sh, sy, th, ty, w, b, 0.4, z_loss=1e-3,
+                                                                     chunk_size=16)
+                loss.backward()
+                results.append([loss.detach()] + [t.grad.clone() for t in (sh, th, w, b)])
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        assert all(torch.equal(a, c) for a, c in zip(results[0], other))

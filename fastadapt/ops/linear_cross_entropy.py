@@ -2,9 +2,10 @@
 ``alpha * CE(target_hidden @ W.T + b, target_labels) + (1 - alpha) * CE(source_hidden @ W.T + b, source_labels)``
 without ever holding the (rows x V) logits of a side at once.
 
-Work in progress. What exists: the API, its argument checks (fastadapt/ops/_validate.py) and the
-pure-PyTorch chunked implementation below, used on every device until a compiled op exists
-(NOTES-issue13.md says what remains).
+Work in progress (NOTES-issue13.md says what is done and what remains): the API, its argument checks
+(fastadapt/ops/_validate.py), the pure-PyTorch chunked implementation below (every device, every
+reduction) and a compiled CPU op for reduction mean/sum (csrc/cpu/alpha_weighted_linear_cross_entropy.cpp,
+the same algorithm with the fused row kernel of the cross-entropy op).
 
 Why chunked, and why the gradients are computed in the forward pass: a language model's output layer
 makes N x V logits (N = 8192, V = 128256 is 4.2 GB in fp32), and eager cross-entropy adds a
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastadapt.ops import _validate
+from fastadapt.ops._extension import has_ops, use_compiled
 from fastadapt.ops.losses import _as, _combine
 from fastadapt.ops.reference import _is_zero, _wide, linear_ce_row_losses
 
@@ -29,6 +31,9 @@ from fastadapt.ops.reference import _is_zero, _wide, linear_ce_row_losses
 # such buffers (logits, softcap/softmax temporaries, their gradient): ~4 x 8 MB stays inside the
 # issue's 64 MB budget, and 64 rows at V = 32000 still keep the GEMMs near their peak rate.
 _CHUNK_BYTES = 8 << 20
+
+_LINEAR_CE = (torch.ops.fastadapt.alpha_weighted_linear_cross_entropy.default
+              if has_ops() and hasattr(torch.ops.fastadapt, "alpha_weighted_linear_cross_entropy") else None)
 
 
 def default_chunk_size(vocab: int) -> int:
@@ -70,6 +75,13 @@ def alpha_weighted_linear_cross_entropy(source_hidden, source_labels, target_hid
         # the label range is checked before any GEMM runs (on the CPU, where reading it costs no sync)
         _validate.check_linear_ce_labels([(n, y) for w, n, y in sides if not _is_zero(w)], weight, ignore_index)
     chunk = chunk_size or default_chunk_size(weight.shape[0])
+    if _LINEAR_CE is not None and red != 0 and source_hidden.device.type == "cpu" and use_compiled(source_hidden):
+        # the compiled CPU op: hidden flattened to (rows, D); the loss comes back in the accumulation type
+        d = weight.shape[1]
+        loss = _LINEAR_CE(source_hidden.reshape(-1, d), source_labels.reshape(-1), target_hidden.reshape(-1, d),
+                          target_labels.reshape(-1), weight, bias, a, ignore_index, float(label_smoothing), red,
+                          float(z_loss), None if softcap is None else float(softcap), chunk)
+        return _as(loss, source_hidden.dtype)
     terms = _ChunkedLinearCrossEntropy.apply(source_hidden, source_labels, target_hidden, target_labels, weight, bias,
                                              a, ignore_index, float(label_smoothing), red, float(z_loss), softcap,
                                              chunk)
