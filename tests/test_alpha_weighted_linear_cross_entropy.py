@@ -231,8 +231,8 @@ def test_module_wraps_a_linear_head_without_copying(backend):
 
 
 def test_default_chunk_size():
-    assert lce.default_chunk_size(32000) == 65
-    assert lce.default_chunk_size(128256) == 16
+    assert lce.default_chunk_size(32000) == 131
+    assert lce.default_chunk_size(128256) == 32
     assert lce.default_chunk_size(1) == lce._CHUNK_BYTES // 4
     assert lce.default_chunk_size(10 ** 9) == 1
 

@@ -27,10 +27,12 @@ from fastadapt.ops._extension import has_ops, use_compiled
 from fastadapt.ops.losses import _as, _combine
 from fastadapt.ops.reference import _is_zero, _wide, linear_ce_row_losses
 
-# Bytes of one chunk's logits in the accumulation type when chunk_size is None. A chunk costs a few
-# such buffers (logits, softcap/softmax temporaries, their gradient): ~4 x 8 MB stays inside the
-# issue's 64 MB budget, and 64 rows at V = 32000 still keep the GEMMs near their peak rate.
-_CHUNK_BYTES = 8 << 20
+# Bytes of one chunk's logits in the accumulation type when chunk_size is None. A chunk costs a few such
+# buffers (logits and dlogits in the compiled op; more in the fallback), and every chunk re-streams the
+# whole fp32 weight gradient (addmm_ with K = chunk rows), so small chunks are slow. Measured on the CPU
+# op (NOTES-issue13.md): at V = 32000, 8 MB (65 rows) gave 28 MB extra and ~12 s a step, 16 MB (131
+# rows) ~49 MB and ~8.5-9.3 s, 32 MB (262 rows) 94 MB, over the issue's 64 MB budget.
+_CHUNK_BYTES = 16 << 20
 
 _LINEAR_CE = (torch.ops.fastadapt.alpha_weighted_linear_cross_entropy.default
               if has_ops() and hasattr(torch.ops.fastadapt, "alpha_weighted_linear_cross_entropy") else None)
