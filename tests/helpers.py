@@ -103,3 +103,32 @@ def distill_oracle(z, y, t, alpha, temperature, *, ignore_index=-100, label_smoo
                                  reduction=reduction)
         ce = ce.reshape(y.shape) if reduction == "none" else ce
     return (kd, ce) if reduction == "none" else kd + ce
+
+
+def linear_ce_oracle(sh, sy, th, ty, weight, bias, alpha, *, ignore_index=-100, label_smoothing=0.0, reduction="mean",
+                     z_loss=0.0, softcap=None):
+    """The unfused composition alpha_weighted_linear_cross_entropy must equal, from PyTorch's own ops:
+    per side ``x = F.linear(hidden, weight, bias)``, ``x = softcap * tanh(x / softcap)`` when softcap is set,
+    ``F.cross_entropy(x, labels, ...)`` plus ``z_loss * logsumexp(x) ** 2`` over the non-ignored rows
+    (averaged with the cross-entropy for mean). A side whose weight is 0 is not evaluated; the z-term of a
+    side with no non-ignored rows is 0 (its cross-entropy mean is already F's NaN, with zero gradients).
+    (source, target) per row, of the labels' shapes, for reduction none."""
+    terms = []
+    for w, h, y in ((1.0 - float(alpha), sh, sy), (float(alpha), th, ty)):
+        if w == 0:
+            terms.append(h.new_zeros(y.shape if reduction == "none" else ()))
+            continue
+        x = F.linear(h, weight, bias).reshape(-1, weight.shape[0])
+        if softcap is not None:
+            x = softcap * torch.tanh(x / softcap)
+        y2 = y.reshape(-1).long()
+        ce = F.cross_entropy(x, y2, ignore_index=ignore_index, label_smoothing=label_smoothing, reduction=reduction)
+        if z_loss:
+            kept = y2 != ignore_index
+            z = torch.where(kept, torch.logsumexp(x, -1) ** 2, torch.zeros_like(x[:, 0])) * z_loss
+            if reduction == "none":
+                ce = ce + z
+            elif int(kept.sum()):
+                ce = ce + (z.sum() / kept.sum() if reduction == "mean" else z.sum())
+        terms.append(w * (ce.reshape(y.shape) if reduction == "none" else ce))
+    return tuple(terms) if reduction == "none" else terms[0] + terms[1]

@@ -4,11 +4,13 @@ from fastadapt.ops import _fake  # noqa: F401  (fake kernels, so torch.compile t
 from fastadapt.ops._extension import build_info, empty_cache, has_cuda_ops, has_ops
 from fastadapt.ops.distillation import alpha_weighted_distillation
 from fastadapt.ops.fuse import fuse_linear_relu
+from fastadapt.ops.linear_cross_entropy import AlphaWeightedLinearCrossEntropy, alpha_weighted_linear_cross_entropy
 from fastadapt.ops.linear_relu import FusedLinearReLU, linear_relu
 from fastadapt.ops.losses import AlphaWeightedLoss, alpha_weighted_cross_entropy, alpha_weighted_mse
 
 __all__ = [
     "AlphaWeightedLoss", "alpha_weighted_cross_entropy", "alpha_weighted_mse", "alpha_weighted_distillation",
+    "AlphaWeightedLinearCrossEntropy", "alpha_weighted_linear_cross_entropy",
     "FusedLinearReLU", "linear_relu", "fuse_linear_relu",
     "build_info", "empty_cache", "has_cuda_ops", "has_ops",
 ]

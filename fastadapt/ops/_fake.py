@@ -80,3 +80,23 @@ if has_ops():
     def _(grad_output, x, weight, output, mask):
         gb = weight.new_empty((weight.shape[0],)) if mask[2] else weight.new_empty((0,))
         return _grad_or_empty(mask[0], x), _grad_or_empty(mask[1], weight), gb
+
+
+# alpha_weighted_linear_cross_entropy (issue 13): registered only where the loaded extension has the op, so
+# an extension built before it (a stale or shared _C) still imports. The loss is 0-dim in the accumulation
+# type; the forward op's gradients are the hiddens' in their dtype, the weight's and bias's in the
+# accumulation type (csrc/alpha_weighted_linear_cross_entropy.h).
+if has_ops() and hasattr(torch.ops.fastadapt, "alpha_weighted_linear_cross_entropy"):
+    @torch.library.register_fake("fastadapt::alpha_weighted_linear_cross_entropy")
+    def _(sh, sy, th, ty, weight, bias, alpha, ignore_index, label_smoothing, reduction, z_loss, softcap, chunk_size):
+        return _terms(1, (), (), weight)[0]
+
+    @torch.library.register_fake("fastadapt::_alpha_weighted_linear_cross_entropy_forward")
+    def _(sh, sy, th, ty, weight, bias, alpha, ignore_index, label_smoothing, reduction, z_loss, softcap, chunk_size,
+          write_grad):
+        loss = _terms(1, (), (), weight)[0]
+        acc = loss.dtype
+        gw = weight.new_empty(weight.shape, dtype=acc) if write_grad[2] else weight.new_empty((0,), dtype=acc)
+        gb = weight.new_empty((weight.shape[0],), dtype=acc) if write_grad[3] and bias is not None \
+            else weight.new_empty((0,), dtype=acc)
+        return loss, _grad_or_empty(write_grad[0], sh), _grad_or_empty(write_grad[1], th), gw, gb

@@ -299,3 +299,67 @@ def teacher_side(teacher_logits, logits, class_dim):
         raise ValueError(f"teacher_logits has {k} classes (shape {tshape}) but logits has {c} (shape {shape}); the "
                          f"teacher covers the first K classes of the student's head, 1 <= K <= {c}")
     return teacher_logits.movedim(1, -1) if cd == 1 and teacher_logits.dim() >= 3 else teacher_logits
+
+
+def check_linear_ce_args(source_hidden, source_labels, target_hidden, target_labels, weight, bias):
+    """alpha_weighted_linear_cross_entropy's tensors: hidden (..., D) per side of a floating dtype, class
+    indices of the hidden's shape without D, weight (V, D), bias (V,) or None, one dtype and one device."""
+    check_tensor("weight", weight)
+    if bias is not None:
+        check_tensor("bias", bias)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (vocab, hidden) = (V, D), got shape {tuple(weight.shape)}")
+    vocab, d = weight.shape
+    for side, hidden, labels in (("source", source_hidden, source_labels), ("target", target_hidden, target_labels)):
+        hn, ln = f"{side}_hidden", f"{side}_labels"
+        check_tensor(hn, hidden)
+        check_tensor(ln, labels)
+        check_float_dtype(hn, hidden)
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise TypeError(f"{ln} must hold class indices (an integer dtype), got dtype {labels.dtype}")
+        if hidden.dim() < 1 or hidden.shape[-1] != d:
+            raise ValueError(f"{hn} has shape {tuple(hidden.shape)} but weight has shape {tuple(weight.shape)}; "
+                             f"{hn} must be (..., {d}), its last dimension the weight's hidden size D")
+        if tuple(labels.shape) != tuple(hidden.shape[:-1]):
+            raise ValueError(f"{ln} has shape {tuple(labels.shape)} but {hn} has shape {tuple(hidden.shape)}; "
+                             f"{ln} must have shape {tuple(hidden.shape[:-1])}, one label per row")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != vocab):
+        raise ValueError(f"bias must have shape ({vocab},) = (V,), got shape {tuple(bias.shape)}")
+    check_same_dtype("source_hidden", source_hidden, "target_hidden", target_hidden)
+    check_same_dtype("source_hidden", source_hidden, "weight", weight)
+    if bias is not None:
+        check_same_dtype("source_hidden", source_hidden, "bias", bias)
+    check_same_device(source_hidden=source_hidden, source_labels=source_labels, target_hidden=target_hidden,
+                      target_labels=target_labels, weight=weight, bias=bias)
+
+
+def check_linear_ce_labels(sides, weight, ignore_index):
+    """Every label of the (name, labels) sides in [0, V) or ignore_index, V = weight.shape[0]: checked
+    before any GEMM runs (the linear op's kernels never see an out-of-range label). weight.t() is a
+    (D, V) view whose last dimension is the class count, as raise_named_label_error reads logits."""
+    raise_named_label_error([(name, weight.t(), labels) for name, labels in sides], ignore_index)
+
+
+def check_z_loss(z_loss):
+    if isinstance(z_loss, bool) or not isinstance(z_loss, (int, float)):
+        raise TypeError(f"z_loss must be a float, got {type(z_loss).__name__}")
+    if not math.isfinite(z_loss) or z_loss < 0:
+        raise ValueError(f"z_loss must be a finite float >= 0, got {z_loss}")
+
+
+def check_softcap(softcap):
+    if softcap is None:
+        return
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+        raise TypeError(f"softcap must be None or a float, got {type(softcap).__name__}")
+    if not math.isfinite(softcap) or softcap <= 0:
+        raise ValueError(f"softcap must be None or a finite float > 0, got {softcap}")
+
+
+def check_chunk_size(chunk_size):
+    if chunk_size is None:
+        return
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+        raise TypeError(f"chunk_size must be None or an int, got {type(chunk_size).__name__}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1 rows, got {chunk_size}")

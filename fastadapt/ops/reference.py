@@ -91,3 +91,18 @@ def alpha_weighted_distillation(logits, labels, teacher_logits, alpha, temperatu
 
 def linear_relu(x, weight, bias=None):
     return F.relu(F.linear(x, weight, bias))
+
+
+def linear_ce_row_losses(logits, labels, ignore_index, label_smoothing, z_loss, softcap):
+    """Per-row loss of alpha_weighted_linear_cross_entropy on (rows, V) logits in the accumulation type:
+    softcap ``c * tanh(x / c)`` first, then F.cross_entropy (reduction none: 0 at ignored rows) plus
+    ``z_loss * logsumexp ** 2`` at the rows not ignored. The chunked fallback
+    (fastadapt/ops/linear_cross_entropy.py) applies it to one chunk of rows at a time."""
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    loss = F.cross_entropy(logits, labels, ignore_index=ignore_index, label_smoothing=label_smoothing,
+                           reduction="none")
+    if z_loss != 0.0:
+        lse = torch.logsumexp(logits, dim=-1)
+        loss = loss + z_loss * torch.where(labels != ignore_index, lse * lse, torch.zeros_like(lse))
+    return loss

@@ -1,0 +1,253 @@
+"""Fused linear + alpha-weighted cross-entropy for large vocabularies (issue 13):
+``alpha * CE(target_hidden @ W.T + b, target_labels) + (1 - alpha) * CE(source_hidden @ W.T + b, source_labels)``
+without ever holding the (rows x V) logits of a side at once.
+
+Work in progress (NOTES-issue13.md says what is done and what remains): the API, its argument checks
+(fastadapt/ops/_validate.py), the pure-PyTorch chunked implementation below (every device, every
+reduction) and a compiled CPU op for reduction mean/sum (csrc/cpu/alpha_weighted_linear_cross_entropy.cpp,
+the same algorithm with the fused row kernel of the cross-entropy op).
+
+Why chunked, and why the gradients are computed in the forward pass: a language model's output layer
+makes N x V logits (N = 8192, V = 128256 is 4.2 GB in fp32), and eager cross-entropy adds a
+log-softmax and a gradient of the same size. Processing `chunk_size` rows at a time bounds the extra
+memory by a few chunk x V buffers. The weight gradient sums over every row, so it cannot be formed
+from a per-row grad_output later without a second pass over all the GEMMs; for reduction mean/sum the
+loss has a single grad_output, so the forward writes the gradients for a unit grad_output and the
+backward only scales them (as Liger-Kernel and torch's chunked F.linear_cross_entropy do). With
+reduction none each row has its own grad_output: the backward then runs the chunked pass again.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastadapt.ops import _validate
+from fastadapt.ops._extension import has_ops, use_compiled
+from fastadapt.ops.losses import _as, _combine
+from fastadapt.ops.reference import _is_zero, _wide, linear_ce_row_losses
+
+# Bytes of one chunk's logits in the accumulation type when chunk_size is None. A chunk costs a few such
+# buffers (logits and dlogits in the compiled op; more in the fallback), and every chunk re-streams the
+# whole fp32 weight gradient (addmm_ with K = chunk rows), so small chunks are slow. Measured on the CPU
+# op (NOTES-issue13.md): at V = 32000, 8 MB (65 rows) gave 28 MB extra and ~12 s a step, 16 MB (131
+# rows) ~49 MB and ~8.5-9.3 s, 32 MB (262 rows) 94 MB, over the issue's 64 MB budget.
+_CHUNK_BYTES = 16 << 20
+
+_LINEAR_CE = (torch.ops.fastadapt.alpha_weighted_linear_cross_entropy.default
+              if has_ops() and hasattr(torch.ops.fastadapt, "alpha_weighted_linear_cross_entropy") else None)
+
+
+def default_chunk_size(vocab: int) -> int:
+    """Rows per chunk for a V-class head: _CHUNK_BYTES of fp32 logits, at least one row."""
+    return max(1, _CHUNK_BYTES // (4 * max(vocab, 1)))
+
+
+def alpha_weighted_linear_cross_entropy(source_hidden, source_labels, target_hidden, target_labels, weight, bias=None,
+                                        alpha=0.5, *, ignore_index=-100, label_smoothing=0.0, reduction="mean",
+                                        z_loss=0.0, softcap=None, chunk_size=None):
+    """``alpha * CE(target) + (1 - alpha) * CE(source)`` where each side's logits are ``F.linear(hidden,
+    weight, bias)``, computed ``chunk_size`` rows at a time so that the logits never exist whole.
+
+    hidden: ``(..., D)`` per side (the sides may differ in rows); labels: class indices ``(...)``;
+    weight: ``(V, D)`` (an ``nn.Linear`` head's, or a language model's output embeddings), bias ``(V,)``
+    or None. Value and gradients (both hiddens, weight, bias) equal those of
+    ``alpha_weighted_cross_entropy(F.linear(source_hidden, weight, bias), source_labels,
+    F.linear(target_hidden, weight, bias), target_labels, alpha, class_dim=-1, ...)`` with two options
+    on each row's logits ``x``:
+
+    * ``softcap=c``: the logits are ``c * tanh(x / c)`` (Gemma 2) before the softmax;
+    * ``z_loss=z``: each non-ignored row adds ``z * logsumexp(x) ** 2`` (PaLM), averaged with the
+      row's cross-entropy (``reduction="mean"`` divides by the number of non-ignored rows).
+
+    ``reduction="none"`` returns ``(source_losses, target_losses)`` of the labels' shapes, already
+    weighted, 0 at ignored rows. A side whose weight is exactly 0 is not evaluated. A weight that does
+    not require grad (a frozen head) costs no weight-gradient GEMM. Double backward is not supported.
+    """
+    _validate.check_linear_ce_args(source_hidden, source_labels, target_hidden, target_labels, weight, bias)
+    _validate.check_label_smoothing(label_smoothing)
+    _validate.check_ignore_index(ignore_index)
+    _validate.check_z_loss(z_loss)
+    _validate.check_softcap(softcap)
+    _validate.check_chunk_size(chunk_size)
+    red = _validate.reduction_code(reduction)
+    a = _validate.alpha_tensor(alpha, source_hidden.device)
+    sides = ((1.0 - a, "source_labels", source_labels), (a, "target_labels", target_labels))
+    if not torch.compiler.is_compiling() and source_hidden.device.type == "cpu":
+        # the label range is checked before any GEMM runs (on the CPU, where reading it costs no sync)
+        _validate.check_linear_ce_labels([(n, y) for w, n, y in sides if not _is_zero(w)], weight, ignore_index)
+    chunk = chunk_size or default_chunk_size(weight.shape[0])
+    if _LINEAR_CE is not None and red != 0 and source_hidden.device.type == "cpu" and use_compiled(source_hidden):
+        # the compiled CPU op: hidden flattened to (rows, D); the loss comes back in the accumulation type
+        d = weight.shape[1]
+        loss = _LINEAR_CE(source_hidden.reshape(-1, d), source_labels.reshape(-1), target_hidden.reshape(-1, d),
+                          target_labels.reshape(-1), weight, bias, a, ignore_index, float(label_smoothing), red,
+                          float(z_loss), None if softcap is None else float(softcap), chunk)
+        return _as(loss, source_hidden.dtype)
+    terms = _ChunkedLinearCrossEntropy.apply(source_hidden, source_labels, target_hidden, target_labels, weight, bias,
+                                             a, ignore_index, float(label_smoothing), red, float(z_loss), softcap,
+                                             chunk)
+    if red != 0:  # the Function has added the two terms already (one grad_output: see the module docstring)
+        return _as(terms[0], source_hidden.dtype)
+    return _combine(terms, red, source_hidden.dtype)
+
+
+class LinearCrossEntropyArgs:
+    """The options of one call, as the chunked pass reads them."""
+
+    def __init__(self, weight, bias, ignore_index, label_smoothing, z_loss, softcap, chunk):
+        self.weight, self.bias = weight, bias
+        self.ignore_index, self.label_smoothing = ignore_index, label_smoothing
+        self.z_loss, self.softcap, self.chunk = z_loss, softcap, chunk
+
+
+def _side_pass(hidden, labels, o, scale, grads):
+    """One side's rows, chunk by chunk: returns the per-row losses (acc type, (rows,)). With ``scale``
+    (a float, or per-row factors (rows,)) also adds this side's gradients of ``sum(scale * row_loss)``
+    into ``grads`` = [grad_hidden (rows, D) or None, grad_weight (fp32/acc) or None, grad_bias or None].
+
+    Only the chunk's logits and their gradient exist at a time. The softmax part goes through autograd
+    on the chunk's logits alone (so it is F.cross_entropy's own formula, softcap and z-loss included);
+    the three GEMMs are explicit, so that grad_weight is accumulated in the accumulation type and a
+    frozen weight costs no GEMM."""
+    w, b = o.weight, o.bias
+    rows = hidden.shape[0]
+    losses = []
+    for r0 in range(0, rows, o.chunk):
+        h = hidden[r0:r0 + o.chunk]
+        y = labels[r0:r0 + o.chunk]
+        with torch.no_grad():
+            x = F.linear(h, w, b)  # in the inputs' dtype, as the unfused composition rounds its logits
+        x = _wide(x).requires_grad_(scale is not None)
+        with torch.enable_grad():
+            loss = linear_ce_row_losses(x, y, o.ignore_index, o.label_smoothing, o.z_loss, o.softcap)
+            if scale is None:
+                losses.append(loss.detach())
+                continue
+            s = scale if not isinstance(scale, torch.Tensor) else scale[r0:r0 + o.chunk]
+            (dx,) = torch.autograd.grad((loss * s).sum(), x)
+        losses.append(loss.detach())
+        g_h, g_w, g_b = grads
+        if g_h is not None:
+            g_h[r0:r0 + o.chunk] = (dx.to(w.dtype) @ w).to(g_h.dtype)
+        if g_w is not None:
+            g_w.addmm_(dx.t(), _wide(h))  # fp32 accumulation for bf16 inputs
+        if g_b is not None:
+            g_b.add_(dx.sum(0))
+    return torch.cat(losses) if losses else hidden.new_zeros((0,), dtype=_wide(hidden).dtype)
+
+
+def _denominator(labels, ignore_index):
+    return int((labels != ignore_index).sum())
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Returns (total, unused) for reduction mean/sum, (source_losses, target_losses) for none, in the
+    accumulation type; hidden arrives (..., D) and is flattened here."""
+
+    @staticmethod
+    def forward(ctx, sh, sy, th, ty, weight, bias, alpha, ignore_index, eps, red, z_loss, softcap, chunk):
+        o = LinearCrossEntropyArgs(weight, bias, ignore_index, eps, z_loss, softcap, chunk)
+        acc = _wide(sh).dtype
+        hiddens = (sh.reshape(-1, sh.shape[-1]), th.reshape(-1, th.shape[-1]))
+        labels = (sy.reshape(-1).long(), ty.reshape(-1).long())
+        side_w = (1.0 - float(alpha), float(alpha))
+        need_h = (ctx.needs_input_grad[0], ctx.needs_input_grad[2])
+        need_w, need_b = ctx.needs_input_grad[4], bias is not None and ctx.needs_input_grad[5]
+        ctx.shapes = (sh.shape, th.shape)
+        ctx.red = red
+        if red == 0:
+            # per-row grad_outputs arrive in backward: the chunked pass runs there
+            terms = []
+            for k in range(2):
+                if side_w[k] == 0.0:
+                    terms.append(torch.zeros(labels[k].shape, dtype=acc, device=sh.device))
+                    continue
+                loss = _side_pass(hiddens[k], labels[k], o, None, None)
+                terms.append((side_w[k] * loss.double()).to(acc))
+            ctx.save_for_backward(*hiddens, *labels)
+            ctx.o, ctx.side_w = o, side_w
+            return terms[0].reshape(sy.shape), terms[1].reshape(ty.shape)
+        g_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        g_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_b else None
+        g_hs = [None, None]
+        total = 0.0
+        for k in range(2):
+            if side_w[k] == 0.0:  # not evaluated: not read in forward or backward
+                g_hs[k] = torch.zeros_like(hiddens[k]) if need_h[k] else None
+                continue
+            denom = _denominator(labels[k], ignore_index) if red == 1 else 1
+            # F.cross_entropy's mean over no rows is NaN with zero gradients: scale 0, loss 0/0
+            scale = side_w[k] / denom if denom else 0.0
+            g_hs[k] = torch.empty_like(hiddens[k]) if need_h[k] else None
+            loss = _side_pass(hiddens[k], labels[k], o, scale, [g_hs[k], g_w, g_b])
+            s = loss.double().sum()
+            total = total + side_w[k] * (s / denom if denom else s * float("nan"))
+        ctx.save_for_backward(*(g if g is not None else torch.empty(0) for g in (*g_hs, g_w, g_b)))
+        ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
+        out = torch.as_tensor(total, dtype=torch.float64).to(device=sh.device, dtype=acc)
+        return out, torch.zeros((), dtype=acc, device=sh.device)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_total, g_other):
+        none = [None] * 13
+        if ctx.red == 0:
+            return _ChunkedLinearCrossEntropy._backward_none(ctx, g_total, g_other)
+        g_sh, g_th, g_w, g_b = ctx.saved_tensors
+        w_dtype, b_dtype = ctx.dtypes
+        need = ctx.needs_input_grad
+        go = g_total
+        none[0] = (g_sh * go.to(g_sh.dtype)).reshape(ctx.shapes[0]) if need[0] else None
+        none[2] = (g_th * go.to(g_th.dtype)).reshape(ctx.shapes[1]) if need[2] else None
+        none[4] = (g_w * go).to(w_dtype) if need[4] else None
+        none[5] = (g_b * go).to(b_dtype) if b_dtype is not None and need[5] else None
+        return tuple(none)
+
+    @staticmethod
+    def _backward_none(ctx, g_s, g_t):
+        sh, th, sy, ty = ctx.saved_tensors
+        o, side_w = ctx.o, ctx.side_w
+        need = ctx.needs_input_grad
+        acc = _wide(sh).dtype
+        need_b = o.bias is not None and need[5]
+        g_w = torch.zeros(o.weight.shape, dtype=acc, device=o.weight.device) if need[4] else None
+        g_b = torch.zeros(o.bias.shape, dtype=acc, device=o.bias.device) if need_b else None
+        g_h = []
+        for k, (h, y, go) in enumerate(((sh, sy, g_s), (th, ty, g_t))):
+            gh = torch.zeros_like(h) if need[2 * k] else None
+            if side_w[k] != 0.0 and go is not None:
+                _side_pass(h, y, o, side_w[k] * go.reshape(-1).to(acc), [gh, g_w, g_b])
+            g_h.append(gh)
+        out = [None] * 13
+        out[0] = g_h[0].reshape(ctx.shapes[0]) if g_h[0] is not None else None
+        out[2] = g_h[1].reshape(ctx.shapes[1]) if g_h[1] is not None else None
+        out[4] = g_w.to(o.weight.dtype) if g_w is not None else None
+        out[5] = g_b.to(o.bias.dtype) if g_b is not None else None
+        return tuple(out)
+
+
+class AlphaWeightedLinearCrossEntropy(nn.Module):
+    """The fused loss over an existing output layer, without copying its weight.
+
+    ``head`` is an ``nn.Linear`` (its ``weight`` and ``bias`` are read at each call, so training,
+    freezing or swapping them is seen) or, for a Hugging Face model, ``model.get_output_embeddings()``.
+    ``forward(source_hidden, source_labels, target_hidden, target_labels)`` takes the hidden states that
+    would enter the head. Other keyword options go to ``alpha_weighted_linear_cross_entropy``.
+    """
+
+    def __init__(self, head: nn.Module, alpha=0.5, **options):
+        super().__init__()
+        if not isinstance(getattr(head, "weight", None), torch.Tensor):
+            raise TypeError(f"head must have a weight tensor (an nn.Linear or output embeddings), got "
+                            f"{type(head).__name__}")
+        # kept outside the module's children: the loss owns no parameters, the model does
+        self.__dict__["head"] = head
+        self.alpha = alpha
+        self.options = options
+
+    def forward(self, source_hidden, source_labels, target_hidden, target_labels):
+        head = self.__dict__["head"]
+        return alpha_weighted_linear_cross_entropy(source_hidden, source_labels, target_hidden, target_labels,
+                                                   head.weight, getattr(head, "bias", None), self.alpha,
+                                                   **self.options)
