@@ -46,6 +46,8 @@
 #                                       the time here); 75 s is for ~4100 small cases
 #   liger               30     -     5  installs and probes the carried Liger-Kernel wheel, if any
 #   bench_ce            60   6-7    30  CUDA benchmarks without the torch.compile rows (BENCH_COMPILE=0),
+#   bench_lce           60     -     -  (fused linear CE, the issue's shapes with Liger's and torch's fused
+#                                       linear CE and the GEMM floor beside it: not yet timed anywhere)
 #   bench_mse           30   6-7    12  one JSON per file: ~30/12/6/4 rows of ~0.3 s of timed rounds
 #   bench_linear_relu   30     6    12  (CUDA_BENCH_BUDGET) plus first call and calibration, after the
 #   bench_mlp_step      25   5-6    10  pytest start-up measured here
@@ -260,11 +262,12 @@ sanitize racecheck 75 "" "--tool racecheck" "tests/test_cuda_kernels.py -m racec
 # Three pytest processes, so that a crash in one (a 4 GB tensor, a sticky CUDA error) cannot take the
 # others with it, and a timeout costs only its own stage: the cases past 2**31 elements; the per-op
 # parity and determinism files; then every other CUDA test (-k: not the cases of kernel_tests again).
-stage cuda_large 90 "$PYTEST tests/test_cuda_kernels.py tests/test_large_index.py -m 'cuda and large' --durations=10 \
+stage cuda_large 90 "$PYTEST tests/test_cuda_kernels.py tests/test_large_index.py \
+  tests/test_alpha_weighted_linear_cross_entropy.py -m 'cuda and large' --durations=10 \
   --junitxml='$WORK/cuda_large.xml'"
 OP_FILES="" IGNORE_OP_FILES=""
 for f in tests/test_alpha_weighted_cross_entropy.py tests/test_alpha_weighted_mse.py tests/test_linear_relu.py \
-  tests/test_determinism.py; do
+  tests/test_alpha_weighted_linear_cross_entropy.py tests/test_alpha_weighted_distillation.py tests/test_determinism.py; do
   [[ -f "$f" ]] && OP_FILES+=" $f" IGNORE_OP_FILES+=" --ignore=$f"
 done
 stage cuda_tests 90 "$PYTEST$OP_FILES -m 'cuda and not large' --durations=10 --junitxml='$WORK/cuda_tests.xml'"
@@ -290,17 +293,19 @@ fi
 BENCH_TIME=${CUDA_BENCH_BUDGET:-0.3}
 BENCH_PYTEST="$PY -m pytest -q -p no:cacheprovider --benchmark-only --benchmark-columns=min,median,iqr,rounds \
   --benchmark-max-time=$BENCH_TIME"
-BENCH_ENV="BENCH_BUDGET=$BENCH_TIME"
+BENCH_ENV="BENCH_BUDGET=$BENCH_TIME BENCH_LCE_LARGE=1"  # the linear-CE file's issue shapes: milliseconds here
 BENCH_K=${CUDA_BENCH_K:-cuda}
 # short name, bench file, cap
-BENCHES=("ce alpha_weighted_cross_entropy 60" "mse alpha_weighted_mse 30" "linear_relu linear_relu 30" "mlp_step mlp_step 25")
+BENCHES=("ce alpha_weighted_cross_entropy 60" "lce alpha_weighted_linear_cross_entropy 60" "mse alpha_weighted_mse 30"
+  "linear_relu linear_relu 30" "mlp_step mlp_step 25")
 for b in "${BENCHES[@]}"; do
   read -r short file cap <<<"$b"
   stage "bench_$short" "$cap" "BENCH_COMPILE=0 $BENCH_ENV $BENCH_PYTEST benchmarks/bench_$file.py -k '$BENCH_K' \
     --benchmark-json='$WORK/bench/$file.json'"
 done
 # torch.compile rows only with time to spare (cold compiles): cheapest files first
-for b in "mlp_step mlp_step" "linear_relu linear_relu" "mse alpha_weighted_mse" "ce alpha_weighted_cross_entropy"; do
+for b in "mlp_step mlp_step" "linear_relu linear_relu" "mse alpha_weighted_mse" "ce alpha_weighted_cross_entropy" \
+  "lce alpha_weighted_linear_cross_entropy"; do
   read -r short file <<<"$b"
   if (($(left) - RES < 60)); then
     STAGE_START=$SECONDS STAGE_STATUS=skipped

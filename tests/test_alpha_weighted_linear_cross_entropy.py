@@ -1,7 +1,7 @@
 """fastadapt.alpha_weighted_linear_cross_entropy against the unfused composition in float64 (F.linear +
-F.cross_entropy, helpers.linear_ce_oracle), through the compiled CPU op and the pure-PyTorch chunked
-fallback (the `backend` fixture; the compiled op serves reduction mean/sum, reduction none takes the
-fallback on both). Small chunk sizes make every case span several chunks. Work in progress (issue 13)."""
+F.cross_entropy, helpers.linear_ce_oracle), through the compiled op (CPU, and CUDA where a GPU exists)
+and the pure-PyTorch chunked fallback (the `backend` fixture). Small chunk sizes make every case span
+several chunks."""
 import itertools
 import math
 
@@ -12,23 +12,24 @@ from torch import nn
 
 import fastadapt
 from fastadapt.ops import linear_cross_entropy as lce
+from devices import DEVICES
 from helpers import assert_close, grad_or_zeros, linear_ce_oracle, use_backend
 
 REDUCTIONS = ["mean", "sum", "none"]
 D = 7
 
 
-def make_side(n, v, dtype=torch.float32, ignore_frac=0.0, lead=()):
-    hidden = torch.randn(*lead, n, D).to(dtype).requires_grad_()
+def make_side(n, v, dtype=torch.float32, ignore_frac=0.0, lead=(), device="cpu"):
+    hidden = torch.randn(*lead, n, D).to(device=device, dtype=dtype).requires_grad_()
     labels = torch.randint(0, v, (*lead, n))
     if ignore_frac and n:
         labels[torch.rand(labels.shape) < ignore_frac] = -100
-    return hidden, labels
+    return hidden, labels.to(device)
 
 
-def make_head(v, dtype=torch.float32, bias=True, frozen=False):
-    w = (torch.randn(v, D) * 0.5).to(dtype).requires_grad_(not frozen)
-    b = (torch.randn(v) * 0.5).to(dtype).requires_grad_(not frozen) if bias else None
+def make_head(v, dtype=torch.float32, bias=True, frozen=False, device="cpu"):
+    w = (torch.randn(v, D) * 0.5).to(device=device, dtype=dtype).requires_grad_(not frozen)
+    b = (torch.randn(v) * 0.5).to(device=device, dtype=dtype).requires_grad_(not frozen) if bias else None
     return w, b
 
 
@@ -46,8 +47,8 @@ def run_both(sh, sy, th, ty, w, b, alpha, reduction, grad_scale=1.7, **kw):
     ref = linear_ce_oracle(leaves64[0], sy, leaves64[1], ty, leaves64[2], leaves64[3], alpha, reduction=reduction,
                            **kw)
     if reduction == "none":
-        ws = torch.randn(sy.shape, dtype=torch.float64)
-        wt = torch.randn(ty.shape, dtype=torch.float64)
+        ws = torch.randn(sy.shape, dtype=torch.float64, device=sy.device)
+        wt = torch.randn(ty.shape, dtype=torch.float64, device=ty.device)
         ((out[0].double() * ws).sum() + (out[1].double() * wt).sum()).backward()
         ((ref[0] * ws).sum() + (ref[1] * wt).sum()).backward()
     else:
@@ -77,10 +78,11 @@ def check(out, ref, pairs, dtype, reduction):
 @pytest.mark.parametrize("alpha", [0.0, 0.37, 1.0])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("bias", [True, False])
-def test_parity_shapes(backend, rows, v, alpha, reduction, bias):
-    sh, sy = make_side(rows[0], v)
-    th, ty = make_side(rows[1], v)
-    w, b = make_head(v, bias=bias)
+@pytest.mark.parametrize("device", DEVICES)
+def test_parity_shapes(backend, rows, v, alpha, reduction, bias, device):
+    sh, sy = make_side(rows[0], v, device=device)
+    th, ty = make_side(rows[1], v, device=device)
+    w, b = make_head(v, bias=bias, device=device)
     out, ref, pairs = run_both(sh, sy, th, ty, w, b, alpha, reduction, chunk_size=4)
     check(out, ref, pairs, torch.float32, reduction)
     if reduction == "mean" and 0.0 < alpha < 1.0 and 0 in rows:
@@ -91,10 +93,11 @@ def test_parity_shapes(backend, rows, v, alpha, reduction, bias):
                                                          (0.2, 1e-2, 2.5)])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("alpha", [0.0, 0.37, 1.0])
-def test_parity_options(backend, smoothing, z_loss, softcap, reduction, alpha):
-    sh, sy = make_side(19, 33, ignore_frac=0.3)
-    th, ty = make_side(11, 33, ignore_frac=0.3)
-    w, b = make_head(33)
+@pytest.mark.parametrize("device", DEVICES)
+def test_parity_options(backend, smoothing, z_loss, softcap, reduction, alpha, device):
+    sh, sy = make_side(19, 33, ignore_frac=0.3, device=device)
+    th, ty = make_side(11, 33, ignore_frac=0.3, device=device)
+    w, b = make_head(33, device=device)
     out, ref, pairs = run_both(sh, sy, th, ty, w, b, alpha, reduction, chunk_size=5, label_smoothing=smoothing,
                                z_loss=z_loss, softcap=softcap)
     check(out, ref, pairs, torch.float32, reduction)
@@ -102,12 +105,13 @@ def test_parity_options(backend, smoothing, z_loss, softcap, reduction, alpha):
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("z_loss", [0.0, 1e-2])
-def test_all_ignored_side(backend, reduction, z_loss):
+@pytest.mark.parametrize("device", DEVICES)
+def test_all_ignored_side(backend, reduction, z_loss, device):
     """A side whose every row is ignored: its mean is F's NaN with zero gradients; sum and none give 0."""
-    sh, sy = make_side(6, 5)
+    sh, sy = make_side(6, 5, device=device)
     sy[:] = -100
-    th, ty = make_side(9, 5, ignore_frac=0.2)
-    w, b = make_head(5)
+    th, ty = make_side(9, 5, ignore_frac=0.2, device=device)
+    w, b = make_head(5, device=device)
     out, ref, pairs = run_both(sh, sy, th, ty, w, b, 0.37, reduction, chunk_size=4, z_loss=z_loss)
     check(out, ref, pairs, torch.float32, reduction)
     assert torch.all(sh.grad == 0)
@@ -154,19 +158,22 @@ def test_leading_dims_and_label_dtype(backend):
     check(out, ref, pairs, torch.float32, "none")
 
 
-def test_bfloat16(backend):
-    sh, sy = make_side(17, 33, torch.bfloat16, ignore_frac=0.2)
-    th, ty = make_side(9, 33, torch.bfloat16)
-    w, b = make_head(33, torch.bfloat16)
-    out, ref, pairs = run_both(sh, sy, th, ty, w, b, 0.37, "mean", chunk_size=4, z_loss=1e-3, softcap=4.0)
-    check(out, ref, pairs, torch.bfloat16, "mean")
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_bfloat16(backend, reduction, device):
+    sh, sy = make_side(17, 33, torch.bfloat16, ignore_frac=0.2, device=device)
+    th, ty = make_side(9, 33, torch.bfloat16, device=device)
+    w, b = make_head(33, torch.bfloat16, device=device)
+    out, ref, pairs = run_both(sh, sy, th, ty, w, b, 0.37, reduction, chunk_size=4, z_loss=1e-3, softcap=4.0)
+    check(out, ref, pairs, torch.bfloat16, reduction)
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_gradcheck(backend, reduction):
-    sh, sy = make_side(4, 5, torch.float64, ignore_frac=0.3)
-    th, ty = make_side(3, 5, torch.float64)
-    w, b = make_head(5, torch.float64)
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck(backend, reduction, device):
+    sh, sy = make_side(4, 5, torch.float64, ignore_frac=0.3, device=device)
+    th, ty = make_side(3, 5, torch.float64, device=device)
+    w, b = make_head(5, torch.float64, device=device)
 
     def f(sh, th, w, b):
         out = fastadapt.alpha_weighted_linear_cross_entropy(sh, sy, th, ty, w, b, 0.37, reduction=reduction,
@@ -327,18 +334,24 @@ def _op_args(requires_grad, bias=True, reduction=1, softcap=None):
 
 @compiled_only
 @pytest.mark.parametrize("requires_grad", [False, True])
-@pytest.mark.parametrize("bias, reduction, softcap", [(True, 1, None), (False, 2, 3.0)])
+@pytest.mark.parametrize("bias, reduction, softcap", [(True, 1, None), (False, 2, 3.0), (True, 0, 2.0)])
 def test_opcheck(requires_grad, bias, reduction, softcap):
     args = _op_args(requires_grad, bias, reduction, softcap)
     torch.library.opcheck(torch.ops.fastadapt.alpha_weighted_linear_cross_entropy.default, args)
     internal = tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in args)
+    want = [True, True, True, bias]
     torch.library.opcheck(torch.ops.fastadapt._alpha_weighted_linear_cross_entropy_forward.default,
-                          (*internal, [True, True, True, bias]))
+                          (*internal, want))
+    sh, sy, th, ty, w, b, a, ignore, eps, _, z, cap, chunk = internal
+    grads = (torch.randn(sh.shape[0], dtype=torch.float64), None)
+    torch.library.opcheck(torch.ops.fastadapt._alpha_weighted_linear_cross_entropy_backward.default,
+                          (*grads, sh, sy, th, ty, w, b, a, ignore, eps, z, cap, chunk, want))
 
 
 @compiled_only
-def test_compiled_op_serves_mean_and_sum():
-    """reduction mean/sum on the CPU goes through the C++ op and its autograd node; none through the fallback."""
+def test_compiled_op_serves_every_reduction():
+    """Every reduction on the CPU goes through the C++ op and its autograd node (none's backward is the
+    backward op, a second chunked pass)."""
     with use_backend("compiled"):
         sh, sy = make_side(5, 9)
         th, ty = make_side(4, 9)
@@ -347,21 +360,62 @@ def test_compiled_op_serves_mean_and_sum():
             out = fastadapt.alpha_weighted_linear_cross_entropy(sh, sy, th, ty, w, b, reduction=reduction)
             assert "AlphaWeightedLinearCrossEntropy" in out.grad_fn.name()
         out = fastadapt.alpha_weighted_linear_cross_entropy(sh, sy, th, ty, w, b, reduction="none")
-        assert "_ChunkedLinearCrossEntropy" in out[0].grad_fn.name()
+        assert "AlphaWeightedLinearCrossEntropy" in out[0].grad_fn.next_functions[0][0].name() \
+            or "AlphaWeightedLinearCrossEntropy" in out[0].grad_fn.name()
+
+
+def _gemm_rows(fn):
+    """The row counts (M) of the aten GEMMs that produce logits (N = V columns) while fn runs."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        fn()
+    rows = []
+    for e in prof.events():
+        mats = [list(s) for s in e.input_shapes or [] if len(s) == 2]
+        # (M, D) @ (D, V): addmm's bias is 1-dim, so the two factors come first (then an out= tensor)
+        if e.name in ("aten::mm", "aten::addmm") and len(mats) >= 2 and mats[0][1] == D and mats[1] == [D, 33]:
+            rows.append(mats[0][0])
+    return rows
+
+
+@compiled_only
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_ignored_rows_cost_no_gemm_work(reduction):
+    """On the CPU the non-ignored rows of a side are gathered before the GEMMs: with 12 of 20 rows ignored,
+    the logits GEMMs see 8 rows in total (chunks of 4); the values still match the composition."""
+    sh, sy = make_side(20, 33)
+    sy[::5] = 1  # keep a known pattern: 8 rows kept
+    keep = torch.zeros(20, dtype=torch.bool)
+    keep[torch.tensor([0, 3, 5, 9, 10, 14, 15, 19])] = True
+    sy[~keep] = -100
+    th, ty = make_side(0, 33)
+    w, b = make_head(33)
+    with use_backend("compiled"):
+        rows = _gemm_rows(lambda: fastadapt.alpha_weighted_linear_cross_entropy(sh, sy, th, ty, w, b, 0.0,
+                                                                                reduction=reduction, chunk_size=4))
+        assert rows == [4, 4]
+        out, ref, pairs = run_both(sh, sy, th, ty, w, b, 0.0, reduction, chunk_size=4)
+    check(out, ref, pairs, torch.float32, reduction)
+    assert torch.all(sh.grad[~keep] == 0) and torch.all(sh.grad[keep].abs().sum(1) > 0)
 
 
 @compiled_only
 @pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
-def test_torch_compile_fullgraph(compile_backend):
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_torch_compile_fullgraph(compile_backend, reduction):
     """No graph break (PyTorch's own chunked F.linear_cross_entropy falls back to eager under compile), and
     the same values and gradients as eager; a tensor alpha changes without a recompile."""
     sh, sy = make_side(20, 33, ignore_frac=0.2)
     th, ty = make_side(15, 33)
     w, b = make_head(33)
+    scales = torch.linspace(0.5, 2.0, 20), torch.linspace(-1.0, 1.0, 15)
 
     def step(a, c, w, b, alpha):
-        return fastadapt.alpha_weighted_linear_cross_entropy(a, sy, c, ty, w, b, alpha, label_smoothing=0.1,
-                                                             z_loss=1e-3, softcap=5.0, chunk_size=8) * 2.0
+        out = fastadapt.alpha_weighted_linear_cross_entropy(a, sy, c, ty, w, b, alpha, label_smoothing=0.1,
+                                                            z_loss=1e-3, softcap=5.0, chunk_size=8,
+                                                            reduction=reduction)
+        if reduction == "none":
+            return (out[0] * scales[0]).sum() + (out[1] * scales[1]).sum()
+        return out * 2.0
 
     torch._dynamo.reset()
     compiled = torch.compile(step, fullgraph=True, backend=compile_backend)
@@ -401,3 +455,71 @@ def test_deterministic_across_thread_counts():
         torch.set_num_threads(threads)
     for other in results[1:]:
         assert all(torch.equal(a, c) for a, c in zip(results[0], other))
+
+
+@compiled_only
+@pytest.mark.slow
+@pytest.mark.large
+@pytest.mark.parametrize("device", DEVICES)
+def test_beyond_int32_logits(device):
+    """2**31 + logits elements (V = 131072 classes x 16400 rows, D = 4): the logits never exist, and the
+    loss and every gradient match a float64 composition evaluated in row blocks."""
+    import psutil
+
+    if psutil.virtual_memory().available < 6 * 2**30:
+        pytest.skip("needs about 6 GiB of free memory")
+    v, n, d = 131072, 16400, 4
+    assert n * v > 2**31
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(n, d, generator=g).to(device).requires_grad_()
+    y = torch.randint(0, v, (n,), generator=g)
+    y[::7] = -100
+    y = y.to(device)
+    w = (torch.randn(v, d, generator=g) * 0.5).to(device).requires_grad_()
+    empty_h, empty_y = torch.zeros(0, d, device=device), torch.zeros(0, dtype=torch.long, device=device)
+    with use_backend("compiled"):
+        loss = fastadapt.alpha_weighted_linear_cross_entropy(empty_h, empty_y, h, y, w, None, 1.0, z_loss=1e-4)
+        loss.backward()
+    # float64 reference, 512 rows at a time: sum of row losses, and the gradients of their mean
+    h64, w64 = h.detach().double(), w.detach().double().requires_grad_()
+    kept = int((y != -100).sum())
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    gh = torch.empty_like(h64)
+    for r0 in range(0, n, 512):
+        hb = h64[r0:r0 + 512].clone().requires_grad_()
+        x = hb @ w64.t()
+        yb = y[r0:r0 + 512]
+        lse = torch.logsumexp(x, -1)
+        part = (F.cross_entropy(x, yb, reduction="sum")
+                + 1e-4 * torch.where(yb != -100, lse * lse, torch.zeros_like(lse)).sum()) / kept
+        part.backward()
+        gh[r0:r0 + 512] = hb.grad
+        total += part.detach()
+    assert_close(loss, total, torch.float32, "loss")
+    assert_close(h.grad, gh, torch.float32, "hidden gradient")
+    assert_close(w.grad, w64.grad, torch.float32, "weight gradient")
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_autocast_bfloat16(backend, reduction):
+    """Under bf16 autocast with float32 hidden and head (a model's usual set-up): F.linear's policy (bf16
+    GEMMs) and F.cross_entropy's (a float32 loss), so the result equals the eager composition under the
+    same autocast, in float32, and the float32 leaves get float32 gradients."""
+    sh, sy = make_side(13, 33, ignore_frac=0.2)
+    th, ty = make_side(9, 33)
+    w, b = make_head(33)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fastadapt.alpha_weighted_linear_cross_entropy(sh, sy, th, ty, w, b, 0.37, reduction=reduction,
+                                                            chunk_size=4)
+        ref_s = F.cross_entropy(F.linear(sh, w, b), sy, reduction=reduction) * 0.63
+        ref_t = F.cross_entropy(F.linear(th, w, b), ty, reduction=reduction) * 0.37
+    outs, refs = (out, (ref_s, ref_t)) if reduction == "none" else ((out,), (ref_s + ref_t,))
+    for o, r in zip(outs, refs):
+        assert o.dtype == torch.float32 and r.dtype == torch.float32
+        torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-5)
+    leaves = (sh, th, w, b)
+    total = sum(o.sum() for o in outs)
+    total_ref = sum(r.sum() for r in refs)
+    for g, gr in zip(torch.autograd.grad(total, leaves), torch.autograd.grad(total_ref, leaves)):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, gr, rtol=2e-2, atol=2e-3)

@@ -95,4 +95,25 @@ __device__ T block_sum(T v, T* smem) {
   return r;
 }
 
+// Maximum over a block, as block_sum; a NaN anywhere makes the result NaN (the losses must not
+// hide it).
+template <typename T>
+__device__ __forceinline__ T nan_max(T a, T b) {
+  return (b > a || b != b) ? b : a;
+}
+
+template <typename T>
+__device__ T block_max(T v, T* smem) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = (blockDim.x + 31) >> 5;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = nan_max(v, __shfl_xor_sync(0xffffffffu, v, o));
+  __syncthreads();  // smem may still be read by a previous call
+  if (lane == 0) smem[warp] = v;
+  __syncthreads();
+  T r = lane < nwarps ? smem[lane] : -dinf<T>();
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) r = nan_max(r, __shfl_xor_sync(0xffffffffu, r, o));
+  return r;
+}
+
 }  // namespace fastadapt::cuda

@@ -82,21 +82,36 @@ if has_ops():
         return _grad_or_empty(mask[0], x), _grad_or_empty(mask[1], weight), gb
 
 
-# alpha_weighted_linear_cross_entropy (issue 13): registered only where the loaded extension has the op, so
-# an extension built before it (a stale or shared _C) still imports. The loss is 0-dim in the accumulation
-# type; the forward op's gradients are the hiddens' in their dtype, the weight's and bias's in the
-# accumulation type (csrc/alpha_weighted_linear_cross_entropy.h).
-if has_ops() and hasattr(torch.ops.fastadapt, "alpha_weighted_linear_cross_entropy"):
+# alpha_weighted_linear_cross_entropy: registered only where the loaded extension has the op, so an
+# extension built before it (a stale or shared _C) still imports. Outputs are in the accumulation type:
+# (loss 0-dim, 0 elements) for mean/sum, the two sides' per-row losses for none; the gradients are the
+# hiddens' in their dtype, the weight's and bias's in the accumulation type
+# (csrc/alpha_weighted_linear_cross_entropy.h).
+if has_ops() and hasattr(torch.ops.fastadapt, "_alpha_weighted_linear_cross_entropy_backward"):
+    def _linear_ce_out(sh, th, weight, reduction):
+        if reduction == 0:
+            return _terms(0, (sh.shape[0],), (th.shape[0],), weight)
+        loss = _terms(1, (), (), weight)[0]
+        return loss, loss.new_empty((0,))
+
+    def _linear_ce_grads(sh, th, weight, bias, write_grad):
+        acc = _terms(1, (), (), weight)[0].dtype
+        gw = weight.new_empty(weight.shape, dtype=acc) if write_grad[2] else weight.new_empty((0,), dtype=acc)
+        gb = weight.new_empty((weight.shape[0],), dtype=acc) if write_grad[3] and bias is not None \
+            else weight.new_empty((0,), dtype=acc)
+        return _grad_or_empty(write_grad[0], sh), _grad_or_empty(write_grad[1], th), gw, gb
+
     @torch.library.register_fake("fastadapt::alpha_weighted_linear_cross_entropy")
     def _(sh, sy, th, ty, weight, bias, alpha, ignore_index, label_smoothing, reduction, z_loss, softcap, chunk_size):
-        return _terms(1, (), (), weight)[0]
+        return _linear_ce_out(sh, th, weight, reduction)
 
     @torch.library.register_fake("fastadapt::_alpha_weighted_linear_cross_entropy_forward")
     def _(sh, sy, th, ty, weight, bias, alpha, ignore_index, label_smoothing, reduction, z_loss, softcap, chunk_size,
           write_grad):
-        loss = _terms(1, (), (), weight)[0]
-        acc = loss.dtype
-        gw = weight.new_empty(weight.shape, dtype=acc) if write_grad[2] else weight.new_empty((0,), dtype=acc)
-        gb = weight.new_empty((weight.shape[0],), dtype=acc) if write_grad[3] and bias is not None \
-            else weight.new_empty((0,), dtype=acc)
-        return loss, _grad_or_empty(write_grad[0], sh), _grad_or_empty(write_grad[1], th), gw, gb
+        grads = _linear_ce_grads(sh, th, weight, bias, write_grad if reduction != 0 else [False] * 4)
+        return (*_linear_ce_out(sh, th, weight, reduction), *grads)
+
+    @torch.library.register_fake("fastadapt::_alpha_weighted_linear_cross_entropy_backward")
+    def _(grad_source, grad_target, sh, sy, th, ty, weight, bias, alpha, ignore_index, label_smoothing, z_loss,
+          softcap, chunk_size, write_grad):
+        return _linear_ce_grads(sh, th, weight, bias, write_grad)

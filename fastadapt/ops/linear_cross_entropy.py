@@ -1,11 +1,11 @@
-"""Fused linear + alpha-weighted cross-entropy for large vocabularies (issue 13):
+"""Fused linear + alpha-weighted cross-entropy for large vocabularies:
 ``alpha * CE(target_hidden @ W.T + b, target_labels) + (1 - alpha) * CE(source_hidden @ W.T + b, source_labels)``
 without ever holding the (rows x V) logits of a side at once.
 
-Work in progress (NOTES-issue13.md says what is done and what remains): the API, its argument checks
-(fastadapt/ops/_validate.py), the pure-PyTorch chunked implementation below (every device, every
-reduction) and a compiled CPU op for reduction mean/sum (csrc/cpu/alpha_weighted_linear_cross_entropy.cpp,
-the same algorithm with the fused row kernel of the cross-entropy op).
+The compiled op (csrc/chunked_linear_ce.h: the chunked algorithm, one copy for the CPU and CUDA row
+passes) serves every reduction on the CPU and CUDA; the pure-PyTorch chunked implementation below is the
+fallback where it is missing (another device, an extension that failed to load) and is chunked too, so
+the fallback has no memory cliff either. Argument checks: fastadapt/ops/_validate.py, before both.
 
 Why chunked, and why the gradients are computed in the forward pass: a language model's output layer
 makes N x V logits (N = 8192, V = 128256 is 4.2 GB in fp32), and eager cross-entropy adds a
@@ -35,7 +35,7 @@ from fastadapt.ops.reference import _is_zero, _wide, linear_ce_row_losses
 _CHUNK_BYTES = 16 << 20
 
 _LINEAR_CE = (torch.ops.fastadapt.alpha_weighted_linear_cross_entropy.default
-              if has_ops() and hasattr(torch.ops.fastadapt, "alpha_weighted_linear_cross_entropy") else None)
+              if has_ops() and hasattr(torch.ops.fastadapt, "_alpha_weighted_linear_cross_entropy_backward") else None)
 
 
 def default_chunk_size(vocab: int) -> int:
@@ -64,6 +64,12 @@ def alpha_weighted_linear_cross_entropy(source_hidden, source_labels, target_hid
     weighted, 0 at ignored rows. A side whose weight is exactly 0 is not evaluated. A weight that does
     not require grad (a frozen head) costs no weight-gradient GEMM. Double backward is not supported.
     """
+    low = _autocast_dtype(source_hidden, weight)
+    if low is not None:
+        # autocast's policy for this composition: F.linear runs in the autocast dtype, F.cross_entropy
+        # in float32 (so the loss comes back in float32: the terms are in the accumulation type already)
+        source_hidden, target_hidden, weight = (t.to(low) for t in (source_hidden, target_hidden, weight))
+        bias = None if bias is None else bias.to(low)
     _validate.check_linear_ce_args(source_hidden, source_labels, target_hidden, target_labels, weight, bias)
     _validate.check_label_smoothing(label_smoothing)
     _validate.check_ignore_index(ignore_index)
@@ -77,19 +83,36 @@ def alpha_weighted_linear_cross_entropy(source_hidden, source_labels, target_hid
         # the label range is checked before any GEMM runs (on the CPU, where reading it costs no sync)
         _validate.check_linear_ce_labels([(n, y) for w, n, y in sides if not _is_zero(w)], weight, ignore_index)
     chunk = chunk_size or default_chunk_size(weight.shape[0])
-    if _LINEAR_CE is not None and red != 0 and source_hidden.device.type == "cpu" and use_compiled(source_hidden):
-        # the compiled CPU op: hidden flattened to (rows, D); the loss comes back in the accumulation type
+    if _LINEAR_CE is not None and source_hidden.device.type in ("cpu", "cuda") and use_compiled(source_hidden):
+        # the compiled op takes hidden flattened to (rows, D) and returns its terms in the accumulation type
         d = weight.shape[1]
-        loss = _LINEAR_CE(source_hidden.reshape(-1, d), source_labels.reshape(-1), target_hidden.reshape(-1, d),
-                          target_labels.reshape(-1), weight, bias, a, ignore_index, float(label_smoothing), red,
-                          float(z_loss), None if softcap is None else float(softcap), chunk)
-        return _as(loss, source_hidden.dtype)
-    terms = _ChunkedLinearCrossEntropy.apply(source_hidden, source_labels, target_hidden, target_labels, weight, bias,
-                                             a, ignore_index, float(label_smoothing), red, float(z_loss), softcap,
-                                             chunk)
-    if red != 0:  # the Function has added the two terms already (one grad_output: see the module docstring)
-        return _as(terms[0], source_hidden.dtype)
-    return _combine(terms, red, source_hidden.dtype)
+        terms = _LINEAR_CE(source_hidden.reshape(-1, d), source_labels.reshape(-1), target_hidden.reshape(-1, d),
+                           target_labels.reshape(-1), weight, bias, a, ignore_index, float(label_smoothing), red,
+                           float(z_loss), None if softcap is None else float(softcap), chunk)
+        if red == 0:
+            terms = (terms[0].reshape(source_labels.shape), terms[1].reshape(target_labels.shape))
+    else:
+        terms = _ChunkedLinearCrossEntropy.apply(source_hidden, source_labels, target_hidden, target_labels, weight,
+                                                 bias, a, ignore_index, float(label_smoothing), red, float(z_loss),
+                                                 softcap, chunk)
+    out_dtype = torch.float32 if low is not None else source_hidden.dtype
+    if red != 0:  # the loss is already the sum of the two terms (one grad_output: see the module docstring)
+        return _as(terms[0], out_dtype)
+    return _combine(terms, red, out_dtype)
+
+
+def _autocast_dtype(hidden, weight):
+    """The autocast dtype when autocast is on for the inputs' device and they are float32 (where F.linear
+    would cast), else None."""
+    if not isinstance(hidden, torch.Tensor) or not isinstance(weight, torch.Tensor):
+        return None  # the argument checks name the wrong type
+    dev = hidden.device.type
+    if dev not in ("cpu", "cuda") or not torch.is_autocast_enabled(dev):
+        return None
+    low = torch.get_autocast_dtype(dev)
+    if not all(t.dtype in (torch.float32, low) for t in (hidden, weight)):
+        return None  # float64 is outside autocast's policy (F.linear keeps it), as is anything else
+    return low
 
 
 class LinearCrossEntropyArgs:
