@@ -53,6 +53,15 @@ def kd(z=None, y=None, t=None, alpha=0.5, temperature=2.0, **kw):
     return fastadapt.alpha_weighted_distillation(z, y, t, alpha, temperature, **kw)
 
 
+def lce(sh=None, sy=None, th=None, ty=None, w=None, b=None, **kw):
+    sh = L(4, 8) if sh is None else sh
+    sy = Y(4) if sy is None else sy
+    th = L(3, 8) if th is None else th
+    ty = Y(3) if ty is None else ty
+    w = L(5, 8) if w is None else w
+    return fastadapt.alpha_weighted_linear_cross_entropy(sh, sy, th, ty, w, b, 0.5, **kw)
+
+
 def _labels(*values):
     return torch.tensor(values)
 
@@ -208,6 +217,31 @@ API_CASES = [
      "takes no probability targets"),
     ("kd-label-range", "a label 7 with 5 classes (CPU)", lambda t: kd(y=_labels(0, 7, 1, 2)), IndexError,
      "labels contains the label 7 (at flat position 1), outside [0, 5) and not ignore_index (-100)"),
+    # ---- alpha_weighted_linear_cross_entropy (hidden (..., 8), weight (5, 8))
+    ("lce-hidden-size", "source_hidden (4, 7) for weight (5, 8)", lambda t: lce(sh=L(4, 7)), ValueError,
+     "source_hidden has shape (4, 7) but weight has shape (5, 8); source_hidden must be (..., 8), its last "
+     "dimension the weight's hidden size D"),
+    ("lce-hidden-int", "source_hidden of dtype int64", lambda t: lce(sh=L(4, 8, dtype=torch.long)), TypeError,
+     "source_hidden must be a floating tensor (float32, float64, bfloat16 on cpu), got dtype torch.int64"),
+    ("lce-labels-float", "float target_labels", lambda t: lce(ty=L(3)), TypeError,
+     "target_labels must hold class indices (an integer dtype), got dtype torch.float32"),
+    ("lce-labels-shape", "source_labels (5,) for source_hidden (4, 8)", lambda t: lce(sy=Y(5)), ValueError,
+     "source_labels has shape (5,) but source_hidden has shape (4, 8); source_labels must have shape (4,), one "
+     "label per row"),
+    ("lce-weight-dtype", "float64 weight for float32 hidden", lambda t: lce(w=L(5, 8, dtype=f64)), TypeError,
+     "weight has dtype torch.float64 but source_hidden has dtype torch.float32; they must match"),
+    ("lce-weight-device", "weight on another device (meta)", lambda t: lce(w=L(5, 8, device="meta")), ValueError,
+     "weight is on meta but source_hidden is on cpu; all inputs must share one device"),
+    ("lce-weight-1d", "weight of shape (40,)", lambda t: lce(w=L(40)), ValueError,
+     "weight must be 2-D (vocab, hidden) = (V, D), got shape (40,)"),
+    ("lce-bias-shape", "bias (4,) for 5 classes", lambda t: lce(b=L(4)), ValueError,
+     "bias must have shape (5,) = (V,), got shape (4,)"),
+    ("lce-label-range", "a label 5 with V = 5 (CPU)", lambda t: lce(sy=_labels(0, 5, 1, 2)), IndexError,
+     "source_labels contains the label 5 (at flat position 1), outside [0, 5) and not ignore_index (-100)"),
+    ("lce-z-loss", "z_loss=-0.1", lambda t: lce(z_loss=-0.1), ValueError, "z_loss must be a finite float >= 0, got -0.1"),
+    ("lce-softcap", "softcap=0.0", lambda t: lce(softcap=0.0), ValueError,
+     "softcap must be None or a finite float > 0, got 0.0"),
+    ("lce-chunk", "chunk_size=0", lambda t: lce(chunk_size=0), ValueError, "chunk_size must be >= 1 rows, got 0"),
     # ---- AlphaWeightedLoss
     ("module-kind", "AlphaWeightedLoss(kind='l1')", lambda t: fastadapt.AlphaWeightedLoss(kind="l1"), ValueError,
      "kind must be one of ['cross_entropy', 'mse'], got 'l1'"),
