@@ -1,14 +1,17 @@
 """The CLI: workflows on synthetic .npz/.csv data and on digits, resume, and every bad input."""
 import json
 import os
+import shlex
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 import torch
 
-from fastadapt.apps import cli
+from fastadapt.apps import cli, readers
 from fastadapt.training import checkpoint
 from fastadapt.training.surgery import load_pretrained
 from _training_data import blobs
@@ -113,7 +116,7 @@ def _bad(tmp_path, capsys, argv, message):
     assert rc == 2
     assert message in err, err
     assert (out / "report.json").read_text() == "OLD"  # nothing existing was overwritten
-    assert not (out / "pretrained.safetensors").exists()  # failed before training started
+    assert sorted(os.listdir(out)) == ["report.json"]  # failed before training started
 
 
 def test_feature_sizes_differ(tmp_path, capsys):
@@ -259,3 +262,161 @@ def test_adapt_default_memory_on_a_small_source_keeps_what_exists(tmp_path, caps
     assert rc == 2
     assert "--memory-size 80 is more than the 67 training samples of --source" in err and "(90 samples" in err
     assert not (tmp_path / "big" / "pretrained.safetensors").exists()
+
+
+# ---- first use (issue 15) --------------------------------------------------------------------------
+
+# Each bundled data set split into an old task (source) and a new one (target), with the number of
+# source training samples the 25% held-out split leaves.
+BUNDLED = {"iris": ("iris:0-1", "iris:2", 75), "wine": ("wine:0-1", "wine:2", 97),
+           "breast_cancer": ("breast_cancer:0", "breast_cancer:1", 159), "digits": ("digits:0-4", "digits:5-9", 676)}
+
+
+@pytest.mark.parametrize("name", readers.SKLEARN_DATASETS)
+def test_adapt_with_default_settings_on_every_bundled_dataset(tmp_path, capsys, name):
+    """The default replay memory (100) fits the source, or keeps all of it when smaller: no failure
+    after pretraining."""
+    source, target, train = BUNDLED[name]
+    rc, _, err = _run(["adapt", "--source", source, "--target", target, "-o", str(tmp_path / "out"), "--epochs", "1",
+                       "--quiet"], capsys)
+    assert rc == 0, err
+    row = json.loads((tmp_path / "out" / "report.json").read_text())["adapt"][0]
+    assert row["memory_size"] == min(train, 100)
+    assert (f"has {train} training samples" in err) == (train < 100)
+
+
+def test_adapt_with_default_settings_on_a_90_row_csv(tmp_path, capsys):
+    src, tgt = _csv(tmp_path / "s.csv", (0, 1, 2), 1, n=90), _csv(tmp_path / "t.csv", (3, 4), 2)
+    rc, _, err = _run(["adapt", "--source", src, "--target", tgt, "-o", str(tmp_path / "out"), "--epochs", "1",
+                       "--quiet"], capsys)
+    assert rc == 0, err
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["adapt"][0]["memory_size"] == 67
+
+
+def test_output_is_checked_before_any_work(tmp_path, capsys, monkeypatch):
+    src, tgt = _npz(tmp_path / "s.npz", (0, 1), 1), _npz(tmp_path / "t.npz", (2, 3), 2)
+    (tmp_path / "file").write_text("MINE")
+    cases = [(tmp_path / "file", f"--output {str(tmp_path / 'file')!r} is a file, not a folder"),
+             (tmp_path / "file" / "sub", f"--output {str(tmp_path / 'file' / 'sub')!r}: {str(tmp_path / 'file')!r} "
+                                         f"is a file, not a folder")]
+    for out, message in cases:
+        for command in ("adapt", "transfer"):
+            rc, _, err = _run([command, "--source", src, "--target", tgt, "-o", str(out)] + FAST, capsys)
+            assert (rc, err) == (2, f"fastadapt {command}: error: {message}\n")
+    # a folder this process may not write in (as root every folder is writable, so the check is faked)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: p != str(locked) and real_access(p, mode))
+    rc, _, err = _run(["adapt", "--source", src, "--target", tgt, "-o", str(locked / "out")] + FAST, capsys)
+    assert (rc, err) == (2, f"fastadapt adapt: error: --output {str(locked / 'out')!r}: no permission to write in "
+                            f"{str(locked)!r}\n")
+    assert sorted(os.listdir(tmp_path)) == ["file", "locked", "s.npz", "t.npz"] and not os.listdir(locked)
+    assert (tmp_path / "file").read_text() == "MINE"
+
+
+def test_resume_refuses_changed_arguments(tmp_path, capsys):
+    src, tgt = _npz(tmp_path / "s.npz", (0, 1), 1), _npz(tmp_path / "t.npz", (2, 3), 2)
+    out = tmp_path / "out"
+    argv = ["adapt", "--source", src, "--target", tgt, "-o", str(out), "--epochs", "2", "--batch-size", "16",
+            "--quiet", "--memory-size", "10"]
+    assert cli.main(argv + ["--hidden", "16", "--lr", "0.01"]) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["finished"] and run["arguments"]["hidden"] == [16] and run["arguments"]["pretrain_epochs"] == 2
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    for extra, message in [
+        (["--hidden", "32", "--lr", "0.1"], f"--resume: the run in {str(out)!r} was started with other arguments: "
+                                            f"--lr was 0.01, now 0.1; --hidden was 16, now 32. Resume it with its own"),
+        (["--hidden", "16", "--lr", "0.01", "--epochs", "3"], "--pretrain-epochs was 2, now 3"),
+        (["--hidden", "16", "--lr", "0.01", "--joint", "--alpha", "1,0.5"], "--alpha was 0.5, now 1.0,0.5; "
+                                                                            "--joint was not given, now given"),
+    ]:
+        rc, _, err = _run(argv + extra + ["--resume"], capsys)
+        assert rc == 2 and message in err, err
+    rc, _, err = _run(["transfer"] + argv[1:-2] + ["--resume"], capsys)
+    assert (rc, err) == (2, f"fastadapt transfer: error: --resume: --output {str(out)!r} holds a fastadapt adapt "
+                            f"run, not transfer\n")
+    rc, _, err = _run(argv[:6] + [str(tmp_path / "none")] + argv[7:] + ["--resume"], capsys)
+    assert (rc, err) == (2, f"fastadapt adapt: error: --resume: --output {str(tmp_path / 'none')!r} holds no run to "
+                            f"resume (no run.json)\n")
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    # the same arguments, --epochs longer and --pretrain-epochs kept: resumed
+    assert cli.main(argv + ["--hidden", "16", "--lr", "0.01", "--epochs", "3", "--pretrain-epochs", "2",
+                            "--resume"]) == 0
+    assert len(json.loads((out / "report.json").read_text())["adapt"][0]["history"]["loss"]) == 3
+
+
+# SIGINT/SIGTERM: an adaptation long enough that the signal lands mid-way (after the checkpoint of its
+# epoch 5, well before its epoch 40); one thread, so that every process computes the same floats.
+SIGNALLED = ["--pretrain-epochs", "5", "--epochs", "40", "--hidden", "16", "--batch-size", "16", "--memory-size", "20",
+             "--threads", "1", "--quiet"]
+
+
+def _signal_data(folder):
+    return ["--source", _npz(folder / "s.npz", (0, 1, 2), 1, n=160), "--target", _npz(folder / "t.npz", (3, 4), 2, n=160)]
+
+
+@pytest.fixture
+def uninterrupted(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    threads = torch.get_num_threads()
+    try:
+        assert cli.main(["adapt"] + _signal_data(folder) + ["-o", str(folder / "out")] + SIGNALLED) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return folder / "out"
+
+
+def _comparable(out):
+    """What a run computed: its adaptation rows (less timings and paths) and every weight it saved."""
+    rows = [{k: v for k, v in r.items() if k not in ("seconds", "model")}
+            for r in json.loads((out / "report.json").read_text())["adapt"]]
+    weights = {p.name: checkpoint.read_weights(p)[0] for p in [out / "pretrained.safetensors", *out.glob("models/*")]}
+    return rows, weights
+
+
+def _fastadapt(argv):
+    return subprocess.Popen([sys.executable, "-m", "fastadapt", *argv], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": ROOT})
+
+
+def _interrupt(tmp_path, signum, status):
+    """Runs SIGNALLED in a process, sends it ``signum`` mid-adaptation; checks its status and its one
+    line. Returns (argv, the --resume command the line gives)."""
+    out = tmp_path / "out"
+    argv = ["adapt"] + _signal_data(tmp_path) + ["-o", str(out)] + SIGNALLED
+    proc = _fastadapt(argv)
+    folder = out / "runs" / "alpha_0.5_replay20" / "last"
+    deadline = time.monotonic() + 300
+    while not (folder / checkpoint.STATE).exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == status, err
+    head = (f"fastadapt adapt: interrupted by {signal.Signals(signum).name}; the last checkpoint is {folder} "
+            f"(epoch ")
+    assert err.count("\n") == 1 and err.startswith(head) and "Traceback" not in err, err
+    epoch, _, command = err[len(head):].strip().partition("); continue with: ")
+    assert int(epoch) in range(5, 40, 5) and checkpoint.load_checkpoint(folder)[1]["epoch"] == int(epoch)
+    assert command == shlex.join(["fastadapt"] + argv + ["--resume"])
+    return argv, command
+
+
+def test_sigint_mid_training_then_resume_equals_an_uninterrupted_run(tmp_path, capsys, uninterrupted):
+    argv, command = _interrupt(tmp_path, signal.SIGINT, 130)
+    # without --resume, the interrupted run is not overwritten
+    rc, _, err = _run(argv, capsys)
+    assert (rc, err) == (2, f"fastadapt adapt: error: --output {str(tmp_path / 'out')!r} holds an unfinished run: "
+                            f"add --resume to continue it, or pass another --output to start a new one\n")
+    resumed = _fastadapt(shlex.split(command)[1:])
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    rows, weights = _comparable(tmp_path / "out")
+    expected_rows, expected_weights = _comparable(uninterrupted)
+    assert rows == expected_rows and weights.keys() == expected_weights.keys()
+    for name, tensors in weights.items():
+        assert all(torch.equal(tensors[k], expected_weights[name][k]) for k in tensors), name
+
+
+def test_sigterm_mid_training_exits_143_naming_the_checkpoint(tmp_path):
+    _interrupt(tmp_path, signal.SIGTERM, 143)

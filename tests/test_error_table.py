@@ -391,6 +391,11 @@ CLI_CASES = [
     ("cli-device", ["transfer", "--source", "{tmp}/f3.npz", "--target", "{tmp}/f3.npz", "-q", "-o", "{tmp}/out",
                     "--device", "tpu"],
      "fastadapt transfer: error: device must be a torch device such as 'cpu' or 'cuda:0', got 'tpu'"),
+    ("cli-output-file", ["adapt", "--source", "{tmp}/f3.npz", "--target", "{tmp}/f3.npz", "-q", "-o", "{tmp}/f3.npz"],
+     "fastadapt adapt: error: --output '{tmp}/f3.npz' is a file, not a folder"),
+    ("cli-resume-nothing", ["adapt", "--source", "{tmp}/f3.npz", "--target", "{tmp}/f3.npz", "-q", "-o", "{tmp}/out",
+                            "--resume"],
+     "fastadapt adapt: error: --resume: --output '{tmp}/out' holds no run to resume (no run.json)"),
 ]
 
 

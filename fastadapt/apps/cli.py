@@ -37,17 +37,32 @@ def _set_threads(args, default=None):
 
 
 def _cmd_demo(args) -> int:
-    from fastadapt.apps import demo
+    from fastadapt.apps import demo, runs
 
+    _check_run(args)
     # These MLPs are too small for intra-op threads to pay for their synchronisation.
     _set_threads(args, default=1)
     scenarios = tuple(demo.SCENARIOS) if args.scenario == "all" else (args.scenario,)
+    runs.start(args)
     if args.seeds:
-        demo.run_seeds(args.output, args.seeds, quiet=args.quiet, device=args.device, scenarios=scenarios)
+        demo.run_seeds(args.output, args.seeds, quiet=args.quiet, device=args.device, resume=args.resume,
+                       scenarios=scenarios)
     else:
         demo.run(args.output, seed=args.seed, quiet=args.quiet, device=args.device, resume=args.resume,
                  scenarios=scenarios)
+    runs.finish(args)
     return 0
+
+
+def _check_run(args):
+    """The checks of a training command that need no data: --device, --output, and --resume against
+    run.json."""
+    from fastadapt.apps import runs
+    from fastadapt.training.config import resolve_device
+
+    resolve_device(args.device)
+    runs.check_output_folder(args.output)
+    runs.check_resume(args)
 
 
 def _config(args):
@@ -59,11 +74,13 @@ def _config(args):
 
 
 def _cmd_transfer(args) -> int:
-    from fastadapt.apps import workflows
+    from fastadapt.apps import runs, workflows
 
+    _check_run(args)
     _set_threads(args)
     cfg = _config(args)
     task = workflows.prepare(args.source, args.target, cfg, label_column=args.label_column)
+    runs.start(args)
     path, pre = workflows.pretrain(task, cfg)
     rows = [workflows.transfer(task, path, m, cfg, shots=args.shots) for m in args.methods]
     _finish(args, cfg, {"pretrain": pre, "transfer": rows, "classes": _classes(task)}, rows)
@@ -71,21 +88,21 @@ def _cmd_transfer(args) -> int:
 
 
 def _cmd_adapt(args) -> int:
-    from fastadapt.apps import workflows
+    from fastadapt.apps import runs, workflows
 
-    _set_threads(args)
-    cfg = _config(args)
-    task = workflows.prepare(args.source, args.target, cfg, label_column=args.label_column)
-    if args.strategy == "lwf":
-        if args.memory_size is not None:
-            raise ValueError(f"--memory-size {args.memory_size} but --strategy lwf stores no source samples; use "
-                             f"--strategy replay+lwf to replay a memory as well")
-        memory = None
-    else:
-        memory = workflows.replay_memory_size(args.memory_size, task, args.source)  # checked before any training
+    if args.strategy == "lwf" and args.memory_size is not None:
+        raise ValueError(f"--memory-size {args.memory_size} but --strategy lwf stores no source samples; use "
+                         f"--strategy replay+lwf to replay a memory as well")
     if args.temperature is not None and args.strategy == "replay":
         raise ValueError(f"--temperature {args.temperature:g} applies to distillation: pass --strategy lwf or "
                          f"replay+lwf")
+    _check_run(args)
+    _set_threads(args)
+    cfg = _config(args)
+    task = workflows.prepare(args.source, args.target, cfg, label_column=args.label_column)
+    # checked before any training
+    memory = None if args.strategy == "lwf" else workflows.replay_memory_size(args.memory_size, task, args.source)
+    runs.start(args)
     path, pre = workflows.pretrain(task, cfg)
     rows = [workflows.adapt(task, path, a, memory, cfg, strategy=args.strategy,
                             temperature=args.temperature) for a in args.alpha]
@@ -112,7 +129,7 @@ def _classes(task):
 
 
 def _finish(args, cfg, report, rows):
-    from fastadapt.apps import workflows
+    from fastadapt.apps import runs, workflows
 
     report = {"command": " ".join(["fastadapt", args.command] + args.argv), **report,
               "config": {k: v for k, v in vars(cfg).items() if k != "output"}}
@@ -122,6 +139,7 @@ def _finish(args, cfg, report, rows):
     from fastadapt.apps import plotting
 
     pp = plotting.write_plot(cfg.output, rows)
+    runs.finish(args)
     if not args.quiet:
         print(f"report: {rp}\nplot:   {pp}\ncheckpoints: {os.path.join(cfg.output, 'runs')}")
 
@@ -190,7 +208,8 @@ def _common(p, output, epochs):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--threads", type=_positive_int, default=None, help="torch intra-op threads")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --output")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --output from its checkpoints, with the arguments it was started with")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars, no table")
     if epochs is not None:
         p.add_argument("--source", required=True, help="file.npz (X, y), file.csv (label column) or digits:0-4")
@@ -251,12 +270,28 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     args.argv = argv[1:]
     try:
-        return args.fn(args)
+        return _run(args) if args.command in _TRAINING else args.fn(args)
     except (ValueError, TypeError, FileNotFoundError, KeyError) as exc:
         # Bad input is reported as one line naming the argument; a traceback would bury it.
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"fastadapt {args.command}: error: {msg}", file=sys.stderr)
         return 2
+
+
+_TRAINING = ("demo", "transfer", "adapt")
+
+
+def _run(args) -> int:
+    """A training command; SIGINT or SIGTERM ends it with one line naming its last checkpoint and the
+    command that resumes it, and the shell's status for the signal (130, 143)."""
+    from fastadapt.apps import runs
+
+    with runs.signals_raise():
+        try:
+            return args.fn(args)
+        except runs.Interrupted as exc:
+            print(runs.interrupted_message(args, exc.signum), file=sys.stderr)
+            return 128 + exc.signum
 
 
 if __name__ == "__main__":
