@@ -6,12 +6,13 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from fastadapt.apps import cli, readers
+from fastadapt.apps import cli, readers, workflows
 from fastadapt.training import checkpoint
 from fastadapt.training.surgery import load_pretrained
 from _training_data import blobs
@@ -26,13 +27,19 @@ def _npz(path, classes, seed, features=6, n=80):
     return str(path)
 
 
-def _csv(path, classes, seed, features=6, n=80):
-    X, y = blobs(n, features=features, classes=classes, seed=seed)
-    with open(path, "w") as f:
-        f.write(",".join([f"f{i}" for i in range(features)] + ["label"]) + "\n")
-        for row, label in zip(X.tolist(), y.tolist()):
-            f.write(",".join(f"{v:.6f}" for v in row) + f",{label}\n")
+def _csv(path, classes, seed, features=6, n=80, spread=0.5, name="{}"):
+    """Blobs as a .csv; ``name`` formats each class label (``"class_{}"`` for class names)."""
+    X, y = blobs(n, features=features, classes=classes, seed=seed, spread=spread)
+    _write_csv(path, X.numpy(), [name.format(label) for label in y.tolist()])
     return str(path)
+
+
+def _write_csv(path, X, labels=None):
+    """Each value as repr writes it, so the .csv reads back to the same float32s."""
+    with open(path, "w") as f:
+        f.write(",".join([f"f{i}" for i in range(X.shape[1])] + (["label"] if labels is not None else [])) + "\n")
+        for i, row in enumerate(X.tolist()):
+            f.write(",".join([repr(v) for v in row] + ([str(labels[i])] if labels is not None else [])) + "\n")
 
 
 def _run(argv, capsys):
@@ -59,7 +66,10 @@ def test_adapt_on_npz_and_csv(tmp_path, capsys):
     assert report["adapt"][0]["source_acc_before"] > 0.9 and report["adapt"][2]["target_acc"] > 0.9
     assert (out / "accuracy.png").read_bytes()[:8] == PNG
     model = load_pretrained(out / "pretrained.safetensors")
-    assert model.config() == {"in_features": 6, "hidden_sizes": [16], "num_classes": 2}
+    assert model.config() == {"model": {"in_features": 6, "hidden_sizes": [16], "num_classes": 2}, "classes": [0, 1]}
+    assert [r["model"] for r in report["adapt"]] == [str(out / "models" / f"{n}.safetensors")
+                                                     for n in ("alpha_1", "alpha_0.5_replay10", "joint__all_source_")]
+    assert load_pretrained(report["adapt"][1]["model"]).classes == [0, 1, 2, 3]
     weights, state = checkpoint.load_checkpoint(out / "runs" / "alpha_0.5_replay10" / "last")
     assert state["epoch"] == 3 and weights["head.weight"].shape == (4, 16)
 
@@ -147,7 +157,7 @@ def test_malformed_npz(tmp_path, capsys, content, message):
 def test_malformed_csv_and_missing_file(tmp_path, capsys):
     (tmp_path / "m.csv").write_text("a,label\n1.0,0\nhello,1\n")
     _bad(tmp_path, capsys, ["adapt", "--source", str(tmp_path / "m.csv"), "--target", "digits:5-9"],
-         "line 3 has a non-numeric value")
+         "m.csv' line 3, column 'a': 'hello' is not a number")
     (tmp_path / "n.csv").write_text("a,b\n1,2\n")
     _bad(tmp_path, capsys, ["adapt", "--source", str(tmp_path / "n.csv"), "--target", "digits:5-9"],
          "has no label column 'label'")
@@ -346,6 +356,84 @@ def test_resume_refuses_changed_arguments(tmp_path, capsys):
     assert len(json.loads((out / "report.json").read_text())["adapt"][0]["history"]["loss"]) == 3
 
 
+def _heldout(path, seed=0):
+    """The raw held-out split of a .csv, as workflows.prepare draws it (labels encoded in sorted order)."""
+    X, y = readers.load_dataset(path)
+    code = {c: i for i, c in enumerate(np.unique(y).tolist())}
+    (_, _), (X_te, y_te) = readers.split(X, workflows.encode(y, code), 0.25, seed)
+    return X_te, [list(code)[i] for i in y_te]
+
+
+def test_predict_on_raw_csv_matches_the_workflows_evaluation(tmp_path, capsys):
+    """Class names in both .csv files; the saved models standardise raw features themselves and answer in
+    the names, with the accuracies the workflow reported on the same held-out rows."""
+    src = _csv(tmp_path / "s.csv", (0, 1, 2), 1, n=120, spread=2.5, name="class_{}")
+    tgt = _csv(tmp_path / "t.csv", (3, 4), 2, n=120, spread=2.5, name="class_{}")
+    out = tmp_path / "out"
+    old_umask = os.umask(0o027)
+    try:
+        rc, _, err = _run(["adapt", "--source", src, "--target", tgt, "-o", str(out), "--memory-size", "20"] + FAST,
+                          capsys)
+        assert rc == 0, err
+        report = json.loads((out / "report.json").read_text())
+        assert report["classes"] == {"source": ["class_0", "class_1", "class_2"], "target": ["class_3", "class_4"]}
+        row = report["adapt"][0]
+        assert 0.5 < row["target_acc"] < 1 and 0.5 < row["source_acc_after"] < 1  # the blobs overlap
+        for name, acc, model in ((tgt, row["target_acc"], row["model"]), (src, row["source_acc_after"], row["model"]),
+                                 (src, report["pretrain"]["source_acc"], str(out / "pretrained.safetensors"))):
+            X, labels = _heldout(name)
+            _write_csv(tmp_path / "heldout.csv", X, labels)
+            rc, stdout, err = _run(["predict", "--model", model, "--data", str(tmp_path / "heldout.csv")], capsys)
+            assert rc == 0, err
+            predicted = stdout.split()
+            assert len(predicted) == len(labels) and set(predicted) <= {f"class_{c}" for c in range(5)}
+            assert np.mean(np.array(predicted) == np.array(labels)) == acc
+            correct = sum(p == t for p, t in zip(predicted, labels))
+            assert err == (f"accuracy: {100 * acc:.2f}% ({correct} of {len(labels)} rows of --data "
+                           f"{str(tmp_path / 'heldout.csv')!r})\n")
+        # without labels, into a file
+        _write_csv(tmp_path / "raw.csv", X)
+        rc, _, err = _run(["predict", "--model", model, "--data", str(tmp_path / "raw.csv"), "-o",
+                           str(tmp_path / "p" / "pred.csv")], capsys)
+        assert rc == 0 and err == f"predictions: {str(tmp_path / 'p' / 'pred.csv')} ({len(labels)} rows)\n"
+        assert (tmp_path / "p" / "pred.csv").read_text().split() == ["prediction"] + predicted
+    finally:
+        os.umask(old_umask)
+    written = [out / "report.json", out / "run.json", out / "pretrained.safetensors", Path(row["model"]),
+               tmp_path / "p" / "pred.csv"] + list(out.glob("runs/*/last/*"))
+    assert {str(p): oct(p.stat().st_mode & 0o777) for p in written} == {str(p): oct(0o640) for p in written}
+
+
+def test_predict_bad_inputs(tmp_path, capsys):
+    src, tgt = _npz(tmp_path / "s.npz", (0, 1), 1), _npz(tmp_path / "t.npz", (2, 3), 2)
+    out = tmp_path / "out"
+    assert _run(["adapt", "--source", src, "--target", tgt, "-o", str(out)] + FAST, capsys)[0] == 0
+    model = str(out / "pretrained.safetensors")
+    bare = str(out / "runs" / "pretrain" / "last" / "model.safetensors")
+    _write_csv(tmp_path / "five.csv", np.zeros((3, 5)))
+    for argv, message in [
+        (["--model", bare, "--data", src], f"--model {bare!r} holds a model without its preprocessing and label "
+                                           f"names"),
+        (["--model", str(tmp_path / "none.safetensors"), "--data", src], "--model: weights file not found"),
+        (["--model", model, "--data", str(tmp_path / "five.csv")],
+         f"--data {str(tmp_path / 'five.csv')!r} has 5 features but the model takes 6; without a label column "
+         f"'label' every column is a feature"),
+        (["--model", model, "--data", src, "-o", str(tmp_path)], f"--output {str(tmp_path)!r} is a folder"),
+    ]:
+        rc, _, err = _run(["predict"] + argv, capsys)
+        assert rc == 2 and err.startswith(f"fastadapt predict: error: {message}"), err
+
+
+def test_csv_label_values_are_named_not_the_row(tmp_path, capsys):
+    for text, message in [("a,label\n1.0,0\n2.0,1.5\n", "line 3, label column 'label': '1.5' is not a class label "
+                                                         "(numeric labels must be integers)"),
+                          ("a,label\n1.0,0\n\n2.0,\n", "line 4, label column 'label': the label is empty"),
+                          ("a,b,label\n1.0,2.0,x\n1.0,n/a,y\n", "line 3, column 'b': 'n/a' is not a number")]:
+        (tmp_path / "m.csv").write_text(text)
+        _bad(tmp_path, capsys, ["adapt", "--source", str(tmp_path / "m.csv"), "--target", "digits:5-9"],
+             f"--source: {str(tmp_path / 'm.csv')!r} {message}")
+
+
 # SIGINT/SIGTERM: an adaptation long enough that the signal lands mid-way (after the checkpoint of its
 # epoch 5, well before its epoch 40); one thread, so that every process computes the same floats.
 SIGNALLED = ["--pretrain-epochs", "5", "--epochs", "40", "--hidden", "16", "--batch-size", "16", "--memory-size", "20",
@@ -353,7 +441,8 @@ SIGNALLED = ["--pretrain-epochs", "5", "--epochs", "40", "--hidden", "16", "--ba
 
 
 def _signal_data(folder):
-    return ["--source", _npz(folder / "s.npz", (0, 1, 2), 1, n=160), "--target", _npz(folder / "t.npz", (3, 4), 2, n=160)]
+    return ["--source", _npz(folder / "s.npz", (0, 1, 2), 1, n=160),
+            "--target", _npz(folder / "t.npz", (3, 4), 2, n=160)]
 
 
 @pytest.fixture

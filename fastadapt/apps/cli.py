@@ -3,6 +3,7 @@
   demo      digits, class- and domain-incremental: transfer and adapt, print tables, write reports + plots
   transfer  the transfer workflow on your data (frozen / finetune / scratch)
   adapt     the adaptive workflow on your data (alpha-weighted loss; replay memory or distillation)
+  predict   labels (and accuracy) of a model saved by transfer or adapt on raw data
   info      build information
   bench     quick benchmark of the fused kernels against eager PyTorch
 """
@@ -128,6 +129,26 @@ def _classes(task):
     return {"source": task.source_classes, "target": task.target_classes}
 
 
+def _cmd_predict(args) -> int:
+    from fastadapt.apps import runs, workflows
+
+    if args.output is not None:
+        runs.check_output_file(args.output)
+    model = workflows.load_model(args.model)
+    X, y = workflows.prediction_data(args.data, model, args.label_column)
+    labels, accuracy = workflows.predict(model, X, y)
+    if args.output is None:
+        print("\n".join(map(str, labels)))
+    else:
+        workflows.write_predictions(args.output, labels)
+        print(f"predictions: {args.output} ({len(labels)} rows)", file=sys.stderr)
+    if accuracy is not None:
+        # on stderr, so that stdout holds the labels alone
+        print(f"accuracy: {100 * accuracy:.2f}% ({round(accuracy * len(labels))} of {len(labels)} rows of --data "
+              f"{args.data!r})", file=sys.stderr)
+    return 0
+
+
 def _finish(args, cfg, report, rows):
     from fastadapt.apps import runs, workflows
 
@@ -141,7 +162,8 @@ def _finish(args, cfg, report, rows):
     pp = plotting.write_plot(cfg.output, rows)
     runs.finish(args)
     if not args.quiet:
-        print(f"report: {rp}\nplot:   {pp}\ncheckpoints: {os.path.join(cfg.output, 'runs')}")
+        print(f"report: {rp}\nplot:   {pp}\nmodels: {os.path.join(cfg.output, 'models')} (fastadapt predict "
+              f"--model ...)\ncheckpoints: {os.path.join(cfg.output, 'runs')}")
 
 
 # ---- argument parsing (each type names the flag and the bad value) --------------------------------
@@ -261,6 +283,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"distillation temperature for lwf and replay+lwf (default {_default_temperature():g})")
     p.add_argument("--joint", action="store_true", help="also train jointly on all source data (upper bound)")
     p.set_defaults(fn=_cmd_adapt)
+
+    p = sub.add_parser("predict", help="labels of raw data from a model saved by transfer or adapt, and the accuracy")
+    p.add_argument("--model", required=True,
+                   help="a .safetensors saved by transfer or adapt: <output>/models/*.safetensors or "
+                        "<output>/pretrained.safetensors")
+    p.add_argument("--data", required=True, help="file.csv (features, and the label column if known), file.npz "
+                                                 "(X, and y if known) or a bundled data set such as iris:0-1")
+    p.add_argument("--label-column", default="label",
+                   help="label column of a .csv; when present, the accuracy is printed")
+    p.add_argument("--output", "-o", default=None,
+                   help="write the predictions to this .csv (one 'prediction' column) instead of stdout")
+    p.set_defaults(fn=_cmd_predict)
     return parser
 
 

@@ -32,6 +32,13 @@ def check_output_folder(path: str, arg: str = "--output") -> None:
     _check_writable(path, arg, path)
 
 
+def check_output_file(path: str, arg: str = "--output") -> None:
+    """As :func:`check_output_folder`, for a file to be written (atomically, in its folder)."""
+    if os.path.isdir(path):
+        raise ValueError(f"{arg} {path!r} is a folder; name the file to write")
+    _check_writable(os.path.dirname(os.path.abspath(path)), arg, path)
+
+
 def _check_writable(folder, arg, path):
     """The nearest existing folder at or above ``folder`` must be one this process may write in."""
     existing = os.path.abspath(folder)
