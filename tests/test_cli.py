@@ -1,4 +1,5 @@
 """The CLI: workflows on synthetic .npz/.csv data and on digits, resume, and every bad input."""
+import argparse
 import json
 import os
 import shlex
@@ -275,6 +276,32 @@ def test_adapt_default_memory_on_a_small_source_keeps_what_exists(tmp_path, caps
 
 
 # ---- first use (issue 15) --------------------------------------------------------------------------
+
+def test_version_and_every_default_in_help(capsys):
+    import importlib.metadata
+
+    import fastadapt
+
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--version"])
+    assert exc.value.code == 0
+    version = getattr(fastadapt, "__version__", None) or importlib.metadata.version("fastadapt")
+    assert capsys.readouterr().out == f"fastadapt {version}\n"
+    parser = cli.build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert set(commands) == {"info", "bench", "demo", "transfer", "adapt", "predict"}
+    for name, sub in commands.items():
+        text = " ".join(sub.format_help().split())
+        for action in sub._actions:
+            if action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
+                shown = ",".join(map(str, action.default)) if isinstance(action.default, list) else action.default
+                assert f"(default: {shown})" in text, (name, action.dest)
+    adapt = " ".join(commands["adapt"].format_help().split())
+    for shown in ("(default: 128,128)", "(default: 0.5)", "(default: 20)", "(default: 0.001)", "(default: 32)",
+                  "(default: replay)", "(default: 100, or every source training sample when there are fewer)",
+                  "(default: --epochs)", f"(default: {os.path.join('fastadapt_out', 'adapt')})"):
+        assert shown in adapt, shown
+
 
 # Each bundled data set split into an old task (source) and a new one (target), with the number of
 # source training samples the 25% held-out split leaves.

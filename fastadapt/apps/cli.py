@@ -226,10 +226,10 @@ def _methods(text):
 
 
 def _common(p, output, epochs):
-    p.add_argument("--output", "-o", default=output, help=f"output folder (default {output})")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", "-o", default=output, help="output folder")
+    p.add_argument("--seed", type=int, default=0, help="seed of the splits, the initialisation and the batches")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--threads", type=_positive_int, default=None, help="torch intra-op threads")
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --output from its checkpoints, with the arguments it was started with")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars, no table")
@@ -237,54 +237,82 @@ def _common(p, output, epochs):
         p.add_argument("--source", required=True, help="file.npz (X, y), file.csv (label column) or digits:0-4")
         p.add_argument("--target", required=True, help="as --source")
         p.add_argument("--label-column", default="label", help="label column of .csv files")
-        p.add_argument("--epochs", type=_positive_int, default=epochs)
-        p.add_argument("--pretrain-epochs", type=_positive_int, default=None, help="default: --epochs")
-        p.add_argument("--batch-size", type=_positive_int, default=32)
-        p.add_argument("--lr", type=_positive_float, default=1e-3)
-        p.add_argument("--hidden", type=_int_list, default=[128, 128], help="hidden sizes, e.g. 128,128")
+        p.add_argument("--epochs", type=_positive_int, default=epochs,
+                       help="epochs of each transfer or adaptation run")
+        p.add_argument("--pretrain-epochs", type=_positive_int, default=None,
+                       help="epochs of pretraining (default: --epochs)")
+        p.add_argument("--batch-size", type=_positive_int, default=32, help="samples per step")
+        p.add_argument("--lr", type=_positive_float, default=1e-3, help="learning rate (AdamW)")
+        # a string default goes through `type`, as a typed value would, and --help shows it as typed
+        p.add_argument("--hidden", type=_int_list, default="128,128", help="hidden sizes")
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's help ends with its default, unless the help says it already (in words, where the
+    default depends on other arguments) or the option is a flag."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (not action.option_strings or action.default in (None, False, argparse.SUPPRESS)
+                or "default" in text):
+            return text
+        return f"{text} (default: %(default)s)".lstrip()
+
+
+def _version() -> str:
+    import importlib.metadata
+
+    import fastadapt  # already imported: this module is part of it
+
+    return getattr(fastadapt, "__version__", None) or importlib.metadata.version("fastadapt")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastadapt", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="fastadapt", description=__doc__, formatter_class=_HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"fastadapt {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("info", help="print what was built and whether it loaded").set_defaults(fn=_cmd_info)
 
-    p = sub.add_parser("bench", help="quick kernel benchmark against eager PyTorch (< 1 min)")
-    p.add_argument("--device", default=None)
+    def command(name, **kw):
+        return sub.add_parser(name, formatter_class=_HelpFormatter, **kw)
+
+    command("info", help="print what was built and whether it loaded").set_defaults(fn=_cmd_info)
+
+    p = command("bench", help="quick kernel benchmark against eager PyTorch (< 1 min)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--min-run-time", type=_positive_float, default=0.3, help="seconds per measurement")
     p.set_defaults(fn=_cmd_bench)
 
-    p = sub.add_parser("demo", help="digits, class- and domain-incremental: transfer and adaptation, honest tables")
+    p = command("demo", help="digits, class- and domain-incremental: transfer and adaptation, honest tables")
     _common(p, os.path.join("fastadapt_out", "demo"), None)
     p.add_argument("--seeds", type=_seed_list, default=None,
-                   help="run once per seed (e.g. 0,1,2,3,4) and print mean ± std")
+                   help="run once per seed (e.g. 0,1,2,3,4) and print mean ± std (default: --seed alone)")
     p.add_argument("--scenario", choices=("all", "class-incremental", "domain-incremental"), default="all",
                    help="class-incremental: digits 0-4 -> 5-9; domain-incremental: digits -> the same digits "
-                        "with permuted pixels (default: both)")
+                        "with permuted pixels; all: both")
     p.set_defaults(fn=_cmd_demo)
 
-    p = sub.add_parser("transfer", help="pretrain on --source, transfer to --target")
+    p = command("transfer", help="pretrain on --source, transfer to --target")
     _common(p, os.path.join("fastadapt_out", "transfer"), 30)
-    p.add_argument("--methods", type=_methods, default=["frozen", "finetune", "scratch"])
+    p.add_argument("--methods", type=_methods, default="frozen,finetune,scratch",
+                   help="one or more of frozen, finetune, scratch")
     p.add_argument("--shots", type=_positive_int, default=None, help="labels per target class (default: all)")
     p.set_defaults(fn=_cmd_transfer)
 
-    p = sub.add_parser("adapt", help="pretrain on --source, adapt to --target while keeping the source task")
+    p = command("adapt", help="pretrain on --source, adapt to --target while keeping the source task")
     _common(p, os.path.join("fastadapt_out", "adapt"), 20)
-    p.add_argument("--alpha", type=_alphas, default=[0.5], help="one or more, e.g. 1,0.75,0.5 (default 0.5)")
+    p.add_argument("--alpha", type=_alphas, default="0.5", help="one or more, e.g. 1,0.75,0.5")
     p.add_argument("--memory-size", type=_non_negative_int, default=None,
-                   help=f"replay memory of class-balanced source samples; 0 = all source data (default "
+                   help=f"replay memory of class-balanced source samples; 0 = all source data (default: "
                         f"{workflows_default_memory()}, or every source training sample when there are fewer)")
     p.add_argument("--strategy", choices=("replay", "lwf", "replay+lwf"), default="replay",
                    help="the source term: replayed source samples (replay), distillation from the pretrained "
-                        "model on the target inputs, storing no source sample (lwf), or both (default replay)")
+                        "model on the target inputs, storing no source sample (lwf), or both")
     p.add_argument("--temperature", type=_positive_float, default=None,
-                   help=f"distillation temperature for lwf and replay+lwf (default {_default_temperature():g})")
+                   help=f"distillation temperature for lwf and replay+lwf (default: {_default_temperature():g})")
     p.add_argument("--joint", action="store_true", help="also train jointly on all source data (upper bound)")
     p.set_defaults(fn=_cmd_adapt)
 
-    p = sub.add_parser("predict", help="labels of raw data from a model saved by transfer or adapt, and the accuracy")
+    p = command("predict", help="labels of raw data from a model saved by transfer or adapt, and the accuracy")
     p.add_argument("--model", required=True,
                    help="a .safetensors saved by transfer or adapt: <output>/models/*.safetensors or "
                         "<output>/pretrained.safetensors")
