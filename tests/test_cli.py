@@ -383,6 +383,21 @@ def test_resume_refuses_changed_arguments(tmp_path, capsys):
     assert len(json.loads((out / "report.json").read_text())["adapt"][0]["history"]["loss"]) == 3
 
 
+def test_a_new_run_over_a_finished_one_removes_what_resume_would_take_for_its_own(tmp_path, capsys):
+    src, tgt = _npz(tmp_path / "s.npz", (0, 1), 1), _npz(tmp_path / "t.npz", (2, 3), 2)
+    out = tmp_path / "out"
+    argv = ["adapt", "--source", src, "--target", tgt, "-o", str(out), "--memory-size", "10"] + FAST
+    assert _run(argv + ["--alpha", "1,0.5"], capsys)[0] == 0
+    (out / "mine").mkdir()
+    (out / "mine" / "pretrained.safetensors").write_text("MINE")  # not where a run writes: kept
+    old = (out / "pretrained.safetensors").read_bytes()
+    rc, _, err = _run(argv + ["--alpha", "1", "--lr", "0.02"], capsys)
+    assert rc == 0, err
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["alpha_1", "pretrain"]
+    assert (out / "pretrained.safetensors").read_bytes() != old
+    assert (out / "mine" / "pretrained.safetensors").read_text() == "MINE"
+
+
 def _heldout(path, seed=0):
     """The raw held-out split of a .csv, as workflows.prepare draws it (labels encoded in sorted order)."""
     X, y = readers.load_dataset(path)

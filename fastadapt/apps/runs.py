@@ -118,8 +118,18 @@ def start(args) -> None:
     ``--resume`` of this one would otherwise take for its own."""
     if not args.resume and _saved(args) is not None:
         for path in _resumable_files(args.output):
-            (shutil.rmtree if os.path.isdir(path) else os.unlink)(path)
+            _remove(path)
     _write(args, finished=False)
+
+
+def _remove(path):
+    """A pretrained model, or a checkpoint folder and its run's folder once that is empty."""
+    if not os.path.isdir(path):
+        os.unlink(path)
+        return
+    shutil.rmtree(path)
+    with contextlib.suppress(OSError):  # not empty: it holds more than the checkpoint
+        os.rmdir(os.path.dirname(path))
 
 
 def finish(args) -> None:
@@ -131,14 +141,24 @@ def _write(args, finished: bool):
     ckpt.atomic_write_text(_run_file(args), json.dumps(run, indent=2))
 
 
+def _run_folders(output: str) -> list[str]:
+    """The folders a run writes models and checkpoints in: ``output``, or the demo's folder per scenario
+    (and per seed); nothing deeper, where a user's own files may lie."""
+    from fastadapt.apps.demo import SCENARIOS
+
+    root = glob.escape(output)
+    return [output] + [p for s in SCENARIOS for pattern in (s, os.path.join("seed*", s))
+                       for p in glob.glob(os.path.join(root, pattern))]
+
+
 def _checkpoints(output: str) -> list[str]:
-    """Every trainer checkpoint folder of a run (the demo's runs lie a scenario or seed folder deeper)."""
-    pattern = os.path.join(glob.escape(output), "**", "runs", "*", "last", ckpt.STATE)
-    return [os.path.dirname(p) for p in glob.glob(pattern, recursive=True)]
+    """Every trainer checkpoint folder of the run in ``output``."""
+    return [os.path.dirname(p) for folder in _run_folders(output)
+            for p in glob.glob(os.path.join(glob.escape(folder), "runs", "*", "last", ckpt.STATE))]
 
 
 def _resumable_files(output: str) -> list[str]:
-    pretrained = glob.glob(os.path.join(glob.escape(output), "**", "pretrained.safetensors"), recursive=True)
+    pretrained = [p for f in _run_folders(output) if os.path.isfile(p := os.path.join(f, "pretrained.safetensors"))]
     return pretrained + _checkpoints(output)
 
 
