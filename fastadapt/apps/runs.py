@@ -82,7 +82,8 @@ def check_resume(args) -> None:
     whose checkpoints a new run would overwrite."""
     saved = _saved(args)
     if not args.resume:
-        if saved is not None and not saved["finished"]:
+        # rank 0 alone: under torchrun, the others could read the run.json its start() just wrote
+        if saved is not None and not saved["finished"] and _main_process():
             raise ValueError(f"--output {args.output!r} holds an unfinished run: add --resume to continue it, "
                              f"or pass another --output to start a new one")
         return
@@ -116,6 +117,8 @@ def start(args) -> None:
     """Records the run in ``--output/run.json``, unfinished until :func:`finish`. A new run (no
     ``--resume``) first removes the finished run's pretrained model and checkpoints, which a later
     ``--resume`` of this one would otherwise take for its own."""
+    if not _main_process():
+        return
     if not args.resume and _saved(args) is not None:
         for path in _resumable_files(args.output):
             _remove(path)
@@ -133,7 +136,13 @@ def _remove(path):
 
 
 def finish(args) -> None:
-    _write(args, finished=True)
+    if _main_process():
+        _write(args, finished=True)
+
+
+def _main_process() -> bool:
+    # torchrun's RANK: the process group is only set up once training starts
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _write(args, finished: bool):
