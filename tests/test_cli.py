@@ -364,7 +364,9 @@ def test_resume_refuses_changed_arguments(tmp_path, capsys):
     for extra, message in [
         (["--hidden", "32", "--lr", "0.1"], f"--resume: the run in {str(out)!r} was started with other arguments: "
                                             f"--lr was 0.01, now 0.1; --hidden was 16, now 32. Resume it with its own"),
-        (["--hidden", "16", "--lr", "0.01", "--epochs", "3"], "--pretrain-epochs was 2, now 3"),
+        (["--hidden", "16", "--lr", "0.01", "--epochs", "3"], "--pretrain-epochs was 2, now 3; without "
+                                                              "--pretrain-epochs it follows --epochs: pass "
+                                                              "--pretrain-epochs 2 to keep the pretraining."),
         (["--hidden", "16", "--lr", "0.01", "--joint", "--alpha", "1,0.5"], "--alpha was 0.5, now 1.0,0.5; "
                                                                             "--joint was not given, now given"),
     ]:

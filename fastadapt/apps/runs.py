@@ -92,9 +92,11 @@ def check_resume(args) -> None:
     if saved["command"] != args.command:
         raise ValueError(f"--resume: --output {args.output!r} holds a fastadapt {saved['command']} run, "
                          f"not {args.command}")
-    old = saved["arguments"]
-    changed = [f"{_option(k)} was {_show(old.get(k))}, now {_show(v)}"
-               for k, v in defining_arguments(args).items() if old.get(k) != v]
+    old, now = saved["arguments"], defining_arguments(args)
+    changed = [f"{_option(k)} was {_show(old.get(k))}, now {_show(v)}" for k, v in now.items() if old.get(k) != v]
+    if "pretrain_epochs" in now and old.get("pretrain_epochs") != now["pretrain_epochs"] and not args.pretrain_epochs:
+        changed.append(f"without --pretrain-epochs it follows --epochs: pass --pretrain-epochs "
+                       f"{old.get('pretrain_epochs')} to keep the pretraining")
     if changed:
         raise ValueError(f"--resume: the run in {args.output!r} was started with other arguments: "
                          f"{'; '.join(changed)}. Resume it with its own, or pass another --output to start a new "
