@@ -39,8 +39,8 @@ def atomic_write(path, write) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-    mode = _create(tmp)
     try:
+        mode = _create(tmp)
         write(tmp)
         os.chmod(tmp, mode)
         _fsync_file(tmp)
