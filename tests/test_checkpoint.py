@@ -251,3 +251,18 @@ def test_corrupt_and_missing_files(tmp_path):
         checkpoint.load_checkpoint(tmp_path)
     with pytest.raises(ValueError, match="must end in .safetensors, .pt or .pth"):
         load_pretrained(tmp_path / "m.bin")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_atomic_writes_give_files_the_users_normal_permissions(tmp_path, umask):
+    """0o666 & ~umask, as any new file: not the 0o600 of a temporary file."""
+    old = os.umask(umask)
+    try:
+        checkpoint.atomic_write_text(tmp_path / "report.json", "{}")
+        checkpoint.save_weights(MLP(4, (8,), 3), tmp_path / "m.safetensors")
+        checkpoint.save_checkpoint(tmp_path / "last", MLP(4, (8,), 3), {"epoch": 1})
+    finally:
+        os.umask(old)
+    paths = [tmp_path / "report.json", tmp_path / "m.safetensors", tmp_path / "last" / checkpoint.WEIGHTS,
+             tmp_path / "last" / checkpoint.STATE]
+    assert {p.name: os.stat(p).st_mode & 0o777 for p in paths} == {p.name: 0o666 & ~umask for p in paths}

@@ -411,7 +411,10 @@ CLI_CASES = [
     ("cli-csv-fields", ["adapt", "--source", "{tmp}/short.csv", "--target", "{tmp}/short.csv", "-q"],
      "fastadapt adapt: error: --source: '{tmp}/short.csv' line 3 has 1 fields, the header has 2"),
     ("cli-csv-text", ["adapt", "--source", "{tmp}/text.csv", "--target", "{tmp}/text.csv", "-q"],
-     "fastadapt adapt: error: --source: '{tmp}/text.csv' line 2 has a non-numeric value"),
+     "fastadapt adapt: error: --source: '{tmp}/text.csv' line 2, column 'a': 'x' is not a number"),
+    ("cli-csv-label-value", ["adapt", "--source", "{tmp}/half.csv", "--target", "{tmp}/half.csv", "-q"],
+     "fastadapt adapt: error: --source: '{tmp}/half.csv' line 3, label column 'label': '1.5' is not a class label "
+     "(numeric labels must be integers)"),
     ("cli-dataset", ["transfer", "--source", "mnist", "--target", "digits:5-9", "-q"],
      "fastadapt transfer: error: --source: unknown dataset 'mnist'"),
     ("cli-class-range", ["transfer", "--source", "digits:4-0", "--target", "digits:5-9", "-q"],
@@ -425,6 +428,15 @@ CLI_CASES = [
     ("cli-device", ["transfer", "--source", "{tmp}/f3.npz", "--target", "{tmp}/f3.npz", "-q", "-o", "{tmp}/out",
                     "--device", "tpu"],
      "fastadapt transfer: error: device must be a torch device such as 'cpu' or 'cuda:0', got 'tpu'"),
+    ("cli-output-file", ["adapt", "--source", "{tmp}/f3.npz", "--target", "{tmp}/f3.npz", "-q", "-o", "{tmp}/f3.npz"],
+     "fastadapt adapt: error: --output '{tmp}/f3.npz' is a file, not a folder"),
+    ("cli-resume-nothing", ["adapt", "--source", "{tmp}/f3.npz", "--target", "{tmp}/f3.npz", "-q", "-o", "{tmp}/out",
+                            "--resume"],
+     "fastadapt adapt: error: --resume: --output '{tmp}/out' holds no run to resume (no run.json)"),
+    ("cli-predict-model", ["predict", "--model", "{tmp}/none.safetensors", "--data", "{tmp}/f3.npz"],
+     "fastadapt predict: error: --model: weights file not found: '{tmp}/none.safetensors'"),
+    ("cli-predict-output", ["predict", "--model", "{tmp}/none.safetensors", "--data", "{tmp}/f3.npz", "-o", "{tmp}"],
+     "fastadapt predict: error: --output '{tmp}' is a folder; name the file to write"),
 ]
 
 
@@ -435,6 +447,7 @@ def _cli_files(tmp):
     _csv(tmp, "a.csv", "a,b\n1,2\n")
     _csv(tmp, "short.csv", "a,label\n1,0\n2\n")
     _csv(tmp, "text.csv", "a,label\nx,0\n")
+    _csv(tmp, "half.csv", "a,label\n1,0\n2,1.5\n")
     _npz(tmp, "f3.npz", X=g.normal(size=(20, 3)), y=np.arange(20) % 2)
     _npz(tmp, "f4.npz", X=g.normal(size=(20, 4)), y=np.arange(20) % 2)
     _npz(tmp, "one.npz", X=g.normal(size=(5, 3)), y=np.array([0, 0, 0, 0, 1]))

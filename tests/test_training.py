@@ -106,6 +106,28 @@ def test_load_pretrained_roundtrip_and_mismatch(tmp_path):
     assert load_pretrained(net) is net
 
 
+
+def test_pipeline_standardises_raw_features_and_names_the_classes(tmp_path):
+    from fastadapt.training import Pipeline
+
+    X, y = blobs(30, features=4, classes=(0, 1, 2))
+    raw = 100 + 10 * X  # what a user has; the MLP was trained on (raw - mean) / std
+    mean, std = raw.mean(0), raw.std(0)
+    net = MLP(4, (8,), 3)
+    pipe = Pipeline(net, mean, std, ["setosa", "versicolor", "virginica"])
+    expected = [pipe.classes[i] for i in net((raw - mean) / std).argmax(-1).tolist()]
+    assert pipe.predict(raw) == expected and len(set(expected)) > 1
+    save_weights(pipe, tmp_path / "p.safetensors")
+    rebuilt = load_pretrained(tmp_path / "p.safetensors")
+    assert isinstance(rebuilt, Pipeline) and rebuilt.classes == pipe.classes
+    assert torch.equal(rebuilt.mean, mean) and torch.equal(rebuilt.std, std)
+    assert rebuilt.predict(raw.numpy()) == expected
+    extend_head(rebuilt, 1)
+    with pytest.raises(ValueError, match="the model has 4 outputs but classes names 3; set classes to one label"):
+        rebuilt.predict(raw)
+    with pytest.raises(ValueError, match=r"mean must hold one value per input feature \(4\), got shape \(5,\)"):
+        Pipeline(net, torch.zeros(5), std, [0, 1, 2])
+
 # ---- fit / evaluate / predict ----------------------------------------------------------------------
 
 def test_fit_history_evaluate_predict():

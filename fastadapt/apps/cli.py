@@ -3,6 +3,7 @@
   demo      digits, class- and domain-incremental: transfer and adapt, print tables, write reports + plots
   transfer  the transfer workflow on your data (frozen / finetune / scratch)
   adapt     the adaptive workflow on your data (alpha-weighted loss; replay memory or distillation)
+  predict   labels (and accuracy) of a model saved by transfer or adapt on raw data
   info      build information
   bench     quick benchmark of the fused kernels against eager PyTorch
 """
@@ -37,17 +38,32 @@ def _set_threads(args, default=None):
 
 
 def _cmd_demo(args) -> int:
-    from fastadapt.apps import demo
+    from fastadapt.apps import demo, runs
 
+    _check_run(args)
     # These MLPs are too small for intra-op threads to pay for their synchronisation.
     _set_threads(args, default=1)
     scenarios = tuple(demo.SCENARIOS) if args.scenario == "all" else (args.scenario,)
+    runs.start(args)
     if args.seeds:
-        demo.run_seeds(args.output, args.seeds, quiet=args.quiet, device=args.device, scenarios=scenarios)
+        demo.run_seeds(args.output, args.seeds, quiet=args.quiet, device=args.device, resume=args.resume,
+                       scenarios=scenarios)
     else:
         demo.run(args.output, seed=args.seed, quiet=args.quiet, device=args.device, resume=args.resume,
                  scenarios=scenarios)
+    runs.finish(args)
     return 0
+
+
+def _check_run(args):
+    """The checks of a training command that need no data: --device, --output, and --resume against
+    run.json."""
+    from fastadapt.apps import runs
+    from fastadapt.training.config import resolve_device
+
+    resolve_device(args.device)
+    runs.check_output_folder(args.output)
+    runs.check_resume(args)
 
 
 def _config(args):
@@ -59,11 +75,13 @@ def _config(args):
 
 
 def _cmd_transfer(args) -> int:
-    from fastadapt.apps import workflows
+    from fastadapt.apps import runs, workflows
 
+    _check_run(args)
     _set_threads(args)
     cfg = _config(args)
     task = workflows.prepare(args.source, args.target, cfg, label_column=args.label_column)
+    runs.start(args)
     path, pre = workflows.pretrain(task, cfg)
     rows = [workflows.transfer(task, path, m, cfg, shots=args.shots) for m in args.methods]
     _finish(args, cfg, {"pretrain": pre, "transfer": rows, "classes": _classes(task)}, rows)
@@ -71,21 +89,21 @@ def _cmd_transfer(args) -> int:
 
 
 def _cmd_adapt(args) -> int:
-    from fastadapt.apps import workflows
+    from fastadapt.apps import runs, workflows
 
-    _set_threads(args)
-    cfg = _config(args)
-    task = workflows.prepare(args.source, args.target, cfg, label_column=args.label_column)
-    if args.strategy == "lwf":
-        if args.memory_size is not None:
-            raise ValueError(f"--memory-size {args.memory_size} but --strategy lwf stores no source samples; use "
-                             f"--strategy replay+lwf to replay a memory as well")
-        memory = None
-    else:
-        memory = workflows.replay_memory_size(args.memory_size, task, args.source)  # checked before any training
+    if args.strategy == "lwf" and args.memory_size is not None:
+        raise ValueError(f"--memory-size {args.memory_size} but --strategy lwf stores no source samples; use "
+                         f"--strategy replay+lwf to replay a memory as well")
     if args.temperature is not None and args.strategy == "replay":
         raise ValueError(f"--temperature {args.temperature:g} applies to distillation: pass --strategy lwf or "
                          f"replay+lwf")
+    _check_run(args)
+    _set_threads(args)
+    cfg = _config(args)
+    task = workflows.prepare(args.source, args.target, cfg, label_column=args.label_column)
+    # checked before any training
+    memory = None if args.strategy == "lwf" else workflows.replay_memory_size(args.memory_size, task, args.source)
+    runs.start(args)
     path, pre = workflows.pretrain(task, cfg)
     rows = [workflows.adapt(task, path, a, memory, cfg, strategy=args.strategy,
                             temperature=args.temperature) for a in args.alpha]
@@ -111,8 +129,28 @@ def _classes(task):
     return {"source": task.source_classes, "target": task.target_classes}
 
 
+def _cmd_predict(args) -> int:
+    from fastadapt.apps import runs, workflows
+
+    if args.output is not None:
+        runs.check_output_file(args.output)
+    model = workflows.load_model(args.model)
+    X, y = workflows.prediction_data(args.data, model, args.label_column)
+    labels, accuracy = workflows.predict(model, X, y)
+    if args.output is None:
+        print("\n".join(map(str, labels)))
+    else:
+        workflows.write_predictions(args.output, labels)
+        print(f"predictions: {args.output} ({len(labels)} rows)", file=sys.stderr)
+    if accuracy is not None:
+        # on stderr, so that stdout holds the labels alone
+        print(f"accuracy: {100 * accuracy:.2f}% ({round(accuracy * len(labels))} of {len(labels)} rows of --data "
+              f"{args.data!r})", file=sys.stderr)
+    return 0
+
+
 def _finish(args, cfg, report, rows):
-    from fastadapt.apps import workflows
+    from fastadapt.apps import runs, workflows
 
     report = {"command": " ".join(["fastadapt", args.command] + args.argv), **report,
               "config": {k: v for k, v in vars(cfg).items() if k != "output"}}
@@ -122,8 +160,10 @@ def _finish(args, cfg, report, rows):
     from fastadapt.apps import plotting
 
     pp = plotting.write_plot(cfg.output, rows)
+    runs.finish(args)
     if not args.quiet:
-        print(f"report: {rp}\nplot:   {pp}\ncheckpoints: {os.path.join(cfg.output, 'runs')}")
+        print(f"report: {rp}\nplot:   {pp}\nmodels: {os.path.join(cfg.output, 'models')} (fastadapt predict "
+              f"--model ...)\ncheckpoints: {os.path.join(cfg.output, 'runs')}")
 
 
 # ---- argument parsing (each type names the flag and the bad value) --------------------------------
@@ -186,62 +226,103 @@ def _methods(text):
 
 
 def _common(p, output, epochs):
-    p.add_argument("--output", "-o", default=output, help=f"output folder (default {output})")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", "-o", default=output, help="output folder")
+    p.add_argument("--seed", type=int, default=0, help="seed of the splits, the initialisation and the batches")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--threads", type=_positive_int, default=None, help="torch intra-op threads")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --output")
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --output from its checkpoints, with the arguments it was started with")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars, no table")
     if epochs is not None:
         p.add_argument("--source", required=True, help="file.npz (X, y), file.csv (label column) or digits:0-4")
         p.add_argument("--target", required=True, help="as --source")
         p.add_argument("--label-column", default="label", help="label column of .csv files")
-        p.add_argument("--epochs", type=_positive_int, default=epochs)
-        p.add_argument("--pretrain-epochs", type=_positive_int, default=None, help="default: --epochs")
-        p.add_argument("--batch-size", type=_positive_int, default=32)
-        p.add_argument("--lr", type=_positive_float, default=1e-3)
-        p.add_argument("--hidden", type=_int_list, default=[128, 128], help="hidden sizes, e.g. 128,128")
+        p.add_argument("--epochs", type=_positive_int, default=epochs,
+                       help="epochs of each transfer or adaptation run")
+        p.add_argument("--pretrain-epochs", type=_positive_int, default=None,
+                       help="epochs of pretraining (default: --epochs)")
+        p.add_argument("--batch-size", type=_positive_int, default=32, help="samples per step")
+        p.add_argument("--lr", type=_positive_float, default=1e-3, help="learning rate (AdamW)")
+        # a string default goes through `type`, as a typed value would, and --help shows it as typed
+        p.add_argument("--hidden", type=_int_list, default="128,128", help="hidden sizes")
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's help ends with its default, unless the help says it already (in words, where the
+    default depends on other arguments) or the option is a flag."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (not action.option_strings or action.default in (None, False, argparse.SUPPRESS)
+                or "default" in text):
+            return text
+        return f"{text} (default: %(default)s)".lstrip()
+
+
+def _version() -> str:
+    import importlib.metadata
+
+    import fastadapt  # already imported: this module is part of it
+
+    return getattr(fastadapt, "__version__", None) or importlib.metadata.version("fastadapt")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastadapt", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="fastadapt", description=__doc__, formatter_class=_HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"fastadapt {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("info", help="print what was built and whether it loaded").set_defaults(fn=_cmd_info)
 
-    p = sub.add_parser("bench", help="quick kernel benchmark against eager PyTorch (< 1 min)")
-    p.add_argument("--device", default=None)
+    def command(name, **kw):
+        return sub.add_parser(name, formatter_class=_HelpFormatter, **kw)
+
+    command("info", help="print what was built and whether it loaded").set_defaults(fn=_cmd_info)
+
+    p = command("bench", help="quick kernel benchmark against eager PyTorch (< 1 min)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--min-run-time", type=_positive_float, default=0.3, help="seconds per measurement")
     p.set_defaults(fn=_cmd_bench)
 
-    p = sub.add_parser("demo", help="digits, class- and domain-incremental: transfer and adaptation, honest tables")
+    p = command("demo", help="digits, class- and domain-incremental: transfer and adaptation, honest tables")
     _common(p, os.path.join("fastadapt_out", "demo"), None)
     p.add_argument("--seeds", type=_seed_list, default=None,
-                   help="run once per seed (e.g. 0,1,2,3,4) and print mean ± std")
+                   help="run once per seed (e.g. 0,1,2,3,4) and print mean ± std (default: --seed alone)")
     p.add_argument("--scenario", choices=("all", "class-incremental", "domain-incremental"), default="all",
                    help="class-incremental: digits 0-4 -> 5-9; domain-incremental: digits -> the same digits "
-                        "with permuted pixels (default: both)")
+                        "with permuted pixels; all: both")
     p.set_defaults(fn=_cmd_demo)
 
-    p = sub.add_parser("transfer", help="pretrain on --source, transfer to --target")
+    p = command("transfer", help="pretrain on --source, transfer to --target")
     _common(p, os.path.join("fastadapt_out", "transfer"), 30)
-    p.add_argument("--methods", type=_methods, default=["frozen", "finetune", "scratch"])
+    p.add_argument("--methods", type=_methods, default="frozen,finetune,scratch",
+                   help="one or more of frozen, finetune, scratch")
     p.add_argument("--shots", type=_positive_int, default=None, help="labels per target class (default: all)")
     p.set_defaults(fn=_cmd_transfer)
 
-    p = sub.add_parser("adapt", help="pretrain on --source, adapt to --target while keeping the source task")
+    p = command("adapt", help="pretrain on --source, adapt to --target while keeping the source task")
     _common(p, os.path.join("fastadapt_out", "adapt"), 20)
-    p.add_argument("--alpha", type=_alphas, default=[0.5], help="one or more, e.g. 1,0.75,0.5 (default 0.5)")
+    p.add_argument("--alpha", type=_alphas, default="0.5", help="one or more, e.g. 1,0.75,0.5")
     p.add_argument("--memory-size", type=_non_negative_int, default=None,
-                   help=f"replay memory of class-balanced source samples; 0 = all source data (default "
+                   help=f"replay memory of class-balanced source samples; 0 = all source data (default: "
                         f"{workflows_default_memory()}, or every source training sample when there are fewer)")
     p.add_argument("--strategy", choices=("replay", "lwf", "replay+lwf"), default="replay",
                    help="the source term: replayed source samples (replay), distillation from the pretrained "
-                        "model on the target inputs, storing no source sample (lwf), or both (default replay)")
+                        "model on the target inputs, storing no source sample (lwf), or both")
     p.add_argument("--temperature", type=_positive_float, default=None,
-                   help=f"distillation temperature for lwf and replay+lwf (default {_default_temperature():g})")
+                   help=f"distillation temperature for lwf and replay+lwf (default: {_default_temperature():g})")
     p.add_argument("--joint", action="store_true", help="also train jointly on all source data (upper bound)")
     p.set_defaults(fn=_cmd_adapt)
+
+    p = command("predict", help="labels of raw data from a model saved by transfer or adapt, and the accuracy")
+    p.add_argument("--model", required=True,
+                   help="a .safetensors saved by transfer or adapt: <output>/models/*.safetensors or "
+                        "<output>/pretrained.safetensors")
+    p.add_argument("--data", required=True, help="file.csv (features, and the label column if known), file.npz "
+                                                 "(X, and y if known) or a bundled data set such as iris:0-1")
+    p.add_argument("--label-column", default="label",
+                   help="label column of a .csv; when present, the accuracy is printed")
+    p.add_argument("--output", "-o", default=None,
+                   help="write the predictions to this .csv (one 'prediction' column) instead of stdout")
+    p.set_defaults(fn=_cmd_predict)
     return parser
 
 
@@ -251,12 +332,28 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     args.argv = argv[1:]
     try:
-        return args.fn(args)
+        return _run(args) if args.command in _TRAINING else args.fn(args)
     except (ValueError, TypeError, FileNotFoundError, KeyError) as exc:
         # Bad input is reported as one line naming the argument; a traceback would bury it.
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"fastadapt {args.command}: error: {msg}", file=sys.stderr)
         return 2
+
+
+_TRAINING = ("demo", "transfer", "adapt")
+
+
+def _run(args) -> int:
+    """A training command; SIGINT or SIGTERM ends it with one line naming its last checkpoint and the
+    command that resumes it, and the shell's status for the signal (130, 143)."""
+    from fastadapt.apps import runs
+
+    with runs.signals_raise():
+        try:
+            return args.fn(args)
+        except runs.Interrupted as exc:
+            print(runs.interrupted_message(args, exc.signum), file=sys.stderr)
+            return 128 + exc.signum
 
 
 if __name__ == "__main__":

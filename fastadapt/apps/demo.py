@@ -82,10 +82,10 @@ def run_scenario(name: str, output: str, *, seed: int = 0, quiet: bool = False, 
     return report
 
 
-def run_seeds(output: str, seeds, *, quiet=False, device=None, scenarios=tuple(SCENARIOS)) -> dict:
+def run_seeds(output: str, seeds, *, quiet=False, device=None, resume=False, scenarios=tuple(SCENARIOS)) -> dict:
     """The demo once per seed, then mean ± std of forgetting and target accuracy per method and scenario."""
-    per_seed = [run(os.path.join(output, f"seed{s}"), seed=s, quiet=True, device=device, scenarios=scenarios)
-                for s in seeds]
+    per_seed = [run(os.path.join(output, f"seed{s}"), seed=s, quiet=True, device=device, resume=resume,
+                    scenarios=scenarios) for s in seeds]
     summary, lines = {}, [f"{len(seeds)} seeds ({', '.join(map(str, seeds))}): mean ± std"]
     for name in scenarios:
         reports = [r[name] for r in per_seed]

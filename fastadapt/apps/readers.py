@@ -11,22 +11,26 @@ import numpy as np
 SKLEARN_DATASETS = ("digits", "iris", "wine", "breast_cancer")
 
 
-def load_dataset(spec: str, *, arg: str = "dataset", label_column: str = "label"):
-    """(X float32 (N, F), y int64 (N,)) from ``path.npz`` (arrays X and y), ``path.csv`` (a header row
-    with a label column) or a bundled scikit-learn set with an optional class filter (``digits:0-4``)."""
+def load_dataset(spec: str, *, arg: str = "dataset", label_column: str = "label", labels_required: bool = True):
+    """(X float32 (N, F), y (N,)) from ``path.npz`` (arrays X and y), ``path.csv`` (a header row with a
+    label column) or a bundled scikit-learn set with an optional class filter (``digits:0-4``).
+
+    y holds int64 class labels, or text (a numpy str array) where a .csv or .npz labels its classes
+    with names such as ``class_0``. With ``labels_required=False`` a .csv without the label column or
+    a .npz without y reads as (X, None): data to predict."""
     if not isinstance(spec, str) or not spec:
         raise ValueError(f"{arg} must be a path or a dataset name, got {spec!r}")
     lower = spec.lower()
     if lower.endswith(".npz"):
-        X, y = _read_npz(spec, arg)
+        X, y = _read_npz(spec, arg, labels_required)
     elif lower.endswith(".csv"):
-        X, y = _read_csv(spec, arg, label_column)
+        X, y = _read_csv(spec, arg, label_column, labels_required)
     else:
         X, y = _read_sklearn(spec, arg)
     return _finish(X, y, spec, arg)
 
 
-def _read_npz(path, arg):
+def _read_npz(path, arg, labels_required):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{arg}: file not found: {path!r}")
     try:
@@ -34,36 +38,61 @@ def _read_npz(path, arg):
             arrays = {k: f[k] for k in f.files}
     except Exception as exc:  # not a zip, truncated, pickled object arrays ...
         raise ValueError(f"{arg}: cannot read {path!r} as .npz: {exc}") from None
-    if "X" not in arrays or "y" not in arrays:
-        raise ValueError(f"{arg}: {path!r} has arrays {sorted(arrays)} but needs 'X' and 'y'")
-    return arrays["X"], arrays["y"]
+    needed = ("X", "y") if labels_required else ("X",)
+    if any(k not in arrays for k in needed):
+        raise ValueError(f"{arg}: {path!r} has arrays {sorted(arrays)} but needs {' and '.join(map(repr, needed))}")
+    return arrays["X"], arrays.get("y")
 
 
-def _read_csv(path, arg, label_column):
+def _read_csv(path, arg, label_column, labels_required):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{arg}: file not found: {path!r}")
     try:
         with open(path, newline="") as f:
-            rows = list(csv.reader(f))
+            reader = csv.reader(f)
+            rows = [(reader.line_num, r) for r in reader if r]  # line numbers as an editor shows them
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise ValueError(f"{arg}: cannot read {path!r} as .csv: {exc}") from None
-    rows = [r for r in rows if r]
     if not rows:
         raise ValueError(f"{arg}: {path!r} is empty")
-    header = [h.strip() for h in rows[0]]
-    if label_column not in header:
+    header = [h.strip() for h in rows[0][1]]
+    if label_column not in header and labels_required:
         raise ValueError(f"{arg}: {path!r} has no label column {label_column!r} (columns: {header})")
-    li = header.index(label_column)
-    X, y = [], []
-    for n, row in enumerate(rows[1:], start=2):
+    li = header.index(label_column) if label_column in header else None
+    X, labels = [], []
+    for line, row in rows[1:]:
         if len(row) != len(header):
-            raise ValueError(f"{arg}: {path!r} line {n} has {len(row)} fields, the header has {len(header)}")
-        try:
-            X.append([float(v) for i, v in enumerate(row) if i != li])
-            y.append(float(row[li]))
-        except ValueError:
-            raise ValueError(f"{arg}: {path!r} line {n} has a non-numeric value: {row}") from None
-    return np.asarray(X, dtype=np.float64).reshape(len(X), len(header) - 1), np.asarray(y)
+            raise ValueError(f"{arg}: {path!r} line {line} has {len(row)} fields, the header has {len(header)}")
+        X.append([_number(v, f"{arg}: {path!r} line {line}, column {header[i]!r}") for i, v in enumerate(row)
+                  if i != li])
+        if li is not None:
+            labels.append((line, row[li].strip()))
+    features = len(header) - (li is not None)
+    y = None if li is None else _labels(labels, f"{arg}: {path!r}", label_column)
+    return np.asarray(X, dtype=np.float64).reshape(len(X), features), y
+
+
+def _number(text, where):
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"{where}: {text!r} is not a number") from None
+
+
+def _labels(labels, where, column):
+    """Integer class labels when every label is a number, else every label as text (class names)."""
+    for line, text in labels:
+        if not text:
+            raise ValueError(f"{where} line {line}, label column {column!r}: the label is empty")
+    try:
+        numbers = [(line, text, float(text)) for line, text in labels]
+    except ValueError:
+        return np.asarray([text for _, text in labels], dtype=str)
+    for line, text, v in numbers:
+        if not (np.isfinite(v) and v == round(v)):
+            raise ValueError(f"{where} line {line}, label column {column!r}: {text!r} is not a class label "
+                             f"(numeric labels must be integers)")
+    return np.asarray([v for _, _, v in numbers], dtype=np.int64)
 
 
 _FILTER = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+))?\s*$")
@@ -101,23 +130,27 @@ def _parse_classes(text, spec, arg) -> set[int]:
 
 
 def _finish(X, y, spec, arg):
-    X, y = np.asarray(X), np.asarray(y)
-    if X.dtype == object or y.dtype == object:
+    X, y = np.asarray(X), None if y is None else np.asarray(y)
+    if X.dtype == object or (y is not None and y.dtype == object):
         raise ValueError(f"{arg}: {spec!r} holds non-numeric data")
     if X.ndim != 2:
         raise ValueError(f"{arg}: X in {spec!r} must be 2-D (samples, features), got shape {X.shape}")
-    if y.ndim != 1 or len(y) != len(X):
-        raise ValueError(f"{arg}: y in {spec!r} must be 1-D with one label per row of X "
-                         f"(X {X.shape}, y {y.shape})")
     if len(X) == 0:
         raise ValueError(f"{arg}: {spec!r} is empty (0 samples)")
     if not np.all(np.isfinite(X)):
         raise ValueError(f"{arg}: X in {spec!r} contains NaN or infinite values")
+    if y is None:
+        return X.astype(np.float32), None
+    if y.ndim != 1 or len(y) != len(X):
+        raise ValueError(f"{arg}: y in {spec!r} must be 1-D with one label per row of X "
+                         f"(X {X.shape}, y {y.shape})")
+    if y.dtype.kind == "U":
+        return X.astype(np.float32), y  # class names
     if y.dtype.kind == "f":
         if not np.all(np.isfinite(y)) or np.any(y != np.round(y)):
-            raise ValueError(f"{arg}: labels in {spec!r} must be integers")
+            raise ValueError(f"{arg}: labels in {spec!r} must be integers or class names")
     elif y.dtype.kind not in "iu":
-        raise ValueError(f"{arg}: labels in {spec!r} must be integers, got dtype {y.dtype}")
+        raise ValueError(f"{arg}: labels in {spec!r} must be integers or class names, got dtype {y.dtype}")
     return X.astype(np.float32), y.astype(np.int64)
 
 

@@ -3,6 +3,7 @@ reload it, then transfer or adapt to a target task, and report per-method accura
 from __future__ import annotations
 
 import copy
+import csv
 import dataclasses
 import json
 import os
@@ -16,7 +17,7 @@ from fastadapt.apps import readers
 from fastadapt.training.adaptive import AdaptiveTrainer
 from fastadapt.training.callbacks import ModelCheckpoint
 from fastadapt.training.config import AdaptiveConfig
-from fastadapt.training.models import MLP
+from fastadapt.training.models import MLP, Pipeline
 from fastadapt.training import distributed as dist
 from fastadapt.training.surgery import extend_head, load_pretrained, replace_head
 from fastadapt.training.loop import seed_everything
@@ -41,7 +42,8 @@ class RunConfig:
 
 @dataclasses.dataclass
 class Task:
-    """Standardised train/held-out tensors of the source and target tasks, labels already encoded."""
+    """Standardised train/held-out tensors of the source and target tasks, labels already encoded: label
+    ``classes[i]`` (the user's, an int or a class name) is class ``i``, the source's first."""
     source_train: tuple
     source_test: tuple
     target_train: tuple
@@ -49,6 +51,8 @@ class Task:
     source_classes: list
     target_classes: list
     source_samples: int  # in the --source the user gave, before the held-out split
+    classes: list
+    scale: readers.Standardizer  # fitted on the source training split; the saved models apply it
 
 
 def prepare(source_spec: str, target_spec: str, cfg: RunConfig, label_column="label") -> Task:
@@ -61,31 +65,46 @@ def prepare(source_spec: str, target_spec: str, cfg: RunConfig, label_column="la
     if Xs.shape[1] != Xt.shape[1]:
         raise ValueError(f"--source {source_spec!r} has {Xs.shape[1]} features but --target "
                          f"{target_spec!r} has {Xt.shape[1]}")
-    s_classes = sorted(int(c) for c in np.unique(ys))
-    t_classes = sorted(int(c) for c in np.unique(yt))
+    ys, yt = same_label_type(ys, yt)
+    s_classes, t_classes = np.unique(ys).tolist(), np.unique(yt).tolist()
     code = {c: i for i, c in enumerate(s_classes)}
     for c in t_classes:
         code.setdefault(c, len(code))
-    ys, yt = np.vectorize(code.get)(ys), np.vectorize(code.get)(yt)
     parts = []
     for name, X, y in (("--source", Xs, ys), ("--target", Xt, yt)):
-        counts = np.bincount(y)
-        if len(y) < 4 or counts[counts > 0].min() < 2:
+        labels, counts = np.unique(y, return_counts=True)
+        if len(y) < 4 or counts.min() < 2:
             raise ValueError(f"{name} needs at least 2 samples of every class to split off a held-out set "
-                             f"(class counts: {dict(zip(*np.unique(y, return_counts=True)))})")
-        parts.append(readers.split(X, y, cfg.holdout, cfg.seed))
+                             f"(class counts: {dict(zip(labels.tolist(), counts.tolist()))})")
+        parts.append(readers.split(X, encode(y, code), cfg.holdout, cfg.seed))
     (s_tr, s_te), (t_tr, t_te) = parts
     scale = readers.Standardizer(s_tr[0])
 
     def tensors(pair):
         return torch.from_numpy(scale(pair[0])), torch.from_numpy(pair[1].astype(np.int64))
 
-    return Task(tensors(s_tr), tensors(s_te), tensors(t_tr), tensors(t_te), s_classes, t_classes, len(ys))
+    return Task(tensors(s_tr), tensors(s_te), tensors(t_tr), tensors(t_te), s_classes, t_classes, len(ys),
+                list(code), scale)
+
+
+def same_label_type(*labels):
+    """The label arrays with one type: all as text when any of them names its classes (``3`` and
+    ``"3"`` are then one class), else as they are."""
+    if any(y.dtype.kind == "U" for y in labels):
+        return tuple(y.astype(str) for y in labels)
+    return labels
+
+
+def encode(y, code: dict) -> np.ndarray:
+    """The class index ``code[label]`` of every label in ``y``."""
+    return np.fromiter((code[v] for v in y.tolist()), dtype=np.int64, count=len(y))
 
 
 def permuted_task(spec: str, cfg: RunConfig, permutation_seed: int = 0) -> Task:
     """Domain-incremental: the same classes and images on both sides, the target's pixels (features)
-    shuffled by one fixed permutation (seeded by ``permutation_seed``, not by the run's seed)."""
+    shuffled by one fixed permutation (seeded by ``permutation_seed``, not by the run's seed). The
+    permutation follows the standardisation, so the saved models standardise raw images in the
+    source's pixel order."""
     task = prepare(spec, spec, cfg)
     perm = torch.from_numpy(np.random.default_rng(permutation_seed).permutation(task.source_train[0].shape[1]))
     (Xtr, ytr), (Xte, yte) = task.source_train, task.source_test
@@ -130,8 +149,8 @@ def _resume_path(cfg, run_dir):
 
 
 def pretrain(task: Task, cfg: RunConfig) -> tuple[str, dict]:
-    """Trains an MLP on the source task; saves it as ``pretrained.safetensors``. Returns its path
-    and a report row."""
+    """Trains an MLP on the source task; saves it as ``pretrained.safetensors`` (a :class:`Pipeline`
+    with the standardisation and the source's labels). Returns its path and a report row."""
     path = os.path.join(cfg.output, "pretrained.safetensors")
     if cfg.resume and os.path.isfile(path):
         return path, {"method": "pretrain", "resumed": True}
@@ -141,8 +160,7 @@ def pretrain(task: Task, cfg: RunConfig) -> tuple[str, dict]:
     trainer = TransferTrainer(model, **_trainer_kwargs(cfg, run_dir))
     hist = trainer.fit(task.source_train, task.source_test, epochs=cfg.pretrain_epochs,
                        resume_from=_resume_path(cfg, run_dir))
-    if dist.is_main():
-        ckpt.save_weights(model, path)
+    save_model(model, task.source_classes, task, path)
     dist.barrier()  # the other ranks read it next
     return path, {"method": "pretrain", "source_acc": hist.target_acc, "seconds": hist.seconds,
                   "history": hist.history}
@@ -163,7 +181,7 @@ def transfer(task: Task, pretrained: str, method: str, cfg: RunConfig, shots: in
         Xt, yt = torch.from_numpy(Xn), torch.from_numpy(yn)
     train, test = (Xt, remap[yt]), (task.target_test[0], remap[task.target_test[1]])
     seed_everything(cfg.seed)
-    source_model = load_pretrained(pretrained)
+    source_model = load_pretrained(pretrained).model  # the tensors are standardised already
     if method == "scratch":
         model = MLP(Xt.shape[1], cfg.hidden, len(task.target_classes))
     else:
@@ -172,7 +190,8 @@ def transfer(task: Task, pretrained: str, method: str, cfg: RunConfig, shots: in
     trainer = TransferTrainer(model, freeze_backbone=method == "frozen", **_trainer_kwargs(cfg, run_dir))
     hist = trainer.fit(train, test, epochs=cfg.transfer_epochs, resume_from=_resume_path(cfg, run_dir))
     row = {"method": method, "target_acc": hist.target_acc, "seconds": hist.seconds,
-           "train_samples": len(yt), "history": hist.history}
+           "train_samples": len(yt), "history": hist.history,
+           "model": save_model(model, task.target_classes, task, _model_path(cfg, method))}
     if method != "scratch":
         probe = copy.deepcopy(model)
         probe.head = source_model.head
@@ -207,7 +226,7 @@ def adapt(task: Task, pretrained: str, alpha: float, memory_size: int | None, cf
         if replays and memory_size and alpha < 1:
             name += f"+replay{memory_size}"
     seed_everything(cfg.seed)
-    model = load_pretrained(pretrained)
+    model = load_pretrained(pretrained).model  # the tensors are standardised already
     new = len([c for c in task.target_classes if c not in task.source_classes])
     if new:
         extend_head(model, new)
@@ -221,7 +240,63 @@ def adapt(task: Task, pretrained: str, alpha: float, memory_size: int | None, cf
             "temperature": temperature if strategy != "replay" else None,
             "source_acc_before": hist.source_acc_before, "source_acc_after": hist.source_acc_after,
             "forgetting": hist.forgetting, "bwt": hist.bwt, "target_acc": hist.target_acc,
-            "seconds": hist.seconds, "history": hist.history}
+            "seconds": hist.seconds, "history": hist.history,
+            "model": save_model(model, task.classes, task, _model_path(cfg, name))}
+
+
+def _model_path(cfg: RunConfig, name: str) -> str:
+    return os.path.join(cfg.output, "models", f"{_slug(name)}.safetensors")
+
+
+def save_model(model: MLP, classes: list, task: Task, path: str) -> str:
+    """Saves ``model`` as a :class:`Pipeline` that takes raw features (``task``'s standardisation) and
+    names output ``i`` ``classes[i]``; returns ``path``. Only rank 0 writes."""
+    if dist.is_main():
+        ckpt.save_weights(Pipeline(model, task.scale.mean, task.scale.std, classes), path)
+    return path
+
+
+def load_model(path: str) -> Pipeline:
+    """The model ``fastadapt predict --model`` names: a Pipeline saved by pretrain, transfer or adapt."""
+    try:
+        model = load_pretrained(path)
+    except (ValueError, FileNotFoundError) as exc:
+        raise type(exc)(f"--model: {exc}") from None
+    if not isinstance(model, Pipeline):
+        raise ValueError(f"--model {path!r} holds a model without its preprocessing and label names; predict "
+                         f"takes the models that fastadapt transfer and adapt save (pretrained.safetensors and "
+                         f"models/*.safetensors in their --output)")
+    return model
+
+
+def prediction_data(spec: str, model: Pipeline, label_column: str = "label"):
+    """(raw features, labels or None) of ``--data``, its feature count checked against ``model``."""
+    X, y = readers.load_dataset(spec, arg="--data", label_column=label_column, labels_required=False)
+    expected = model.model.in_features
+    if X.shape[1] != expected:
+        hint = "" if y is not None else f"; without a label column {label_column!r} every column is a feature"
+        raise ValueError(f"--data {spec!r} has {X.shape[1]} features but the model takes {expected}{hint}")
+    return X, y
+
+
+def predict(model: Pipeline, X: np.ndarray, y: np.ndarray | None = None) -> tuple[list, float | None]:
+    """The predicted label of every row of raw features ``X``, and the accuracy against ``y`` when given."""
+    labels = model.predict(torch.from_numpy(X))
+    if y is None:
+        return labels, None
+    truth, guess = same_label_type(y, np.asarray(labels))
+    return labels, float(np.mean(truth == guess))
+
+
+def write_predictions(path: str, labels: list) -> None:
+    """A .csv with one ``prediction`` per input row, in order."""
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["prediction"])
+            w.writerows([label] for label in labels)
+
+    ckpt.atomic_write(path, write)
 
 
 def _slug(name):

@@ -5,10 +5,11 @@ from fastadapt.training.checkpoint import read_weights, save_weights
 from fastadapt.training.config import AdaptiveConfig, TrainConfig
 from fastadapt.training.history import History
 from fastadapt.training.loop import Trainer, seed_everything
-from fastadapt.training.models import MLP
+from fastadapt.training.models import MLP, Pipeline
 from fastadapt.training.surgery import extend_head, freeze, get_head, load_pretrained, replace_head, unfreeze
 from fastadapt.training.trainer import TransferTrainer
 
 __all__ = ["AdaptiveConfig", "AdaptiveTrainer", "Callback", "EarlyStopping", "History", "MLP", "ModelCheckpoint",
-           "TrainConfig", "Trainer", "TransferTrainer", "extend_head", "freeze", "get_head", "load_pretrained",
-           "read_weights", "replace_head", "replay_indices", "save_weights", "seed_everything", "unfreeze"]
+           "Pipeline", "TrainConfig", "Trainer", "TransferTrainer", "extend_head", "freeze", "get_head",
+           "load_pretrained", "read_weights", "replace_head", "replay_indices", "save_weights", "seed_everything",
+           "unfreeze"]

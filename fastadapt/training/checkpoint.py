@@ -11,7 +11,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import tempfile
 import uuid
 
 import torch
@@ -39,10 +38,11 @@ def atomic_write(path, write) -> None:
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    os.close(fd)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
     try:
+        mode = _create(tmp)
         write(tmp)
+        os.chmod(tmp, mode)
         _fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:
@@ -50,6 +50,14 @@ def atomic_write(path, write) -> None:
             os.unlink(tmp)
         raise
     _fsync_dir(folder)
+
+
+def _create(path) -> int:
+    """Creates an empty ``path`` with the mode any new file gets (0o666 less the umask) and returns that
+    mode. Writers that recreate the file (safetensors writes 0o600) get it back with ``os.chmod``: a
+    private mode would survive the rename and hide the user's outputs from those they share them with."""
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    return os.stat(path).st_mode & 0o777
 
 
 def _fsync_file(path):
@@ -121,7 +129,9 @@ def save_checkpoint(folder, module, state: dict) -> None:
     pending = os.path.join(folder, f".pending-{ckpt_id}.safetensors")
     payload, meta = _weights_payload(module), _metadata(module, {_ID_KEY: ckpt_id})
     try:
+        mode = _create(pending)
         save_file(payload, pending, metadata=meta)
+        os.chmod(pending, mode)
         _fsync_file(pending)
     except BaseException:
         if os.path.exists(pending):

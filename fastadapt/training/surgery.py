@@ -146,7 +146,8 @@ def load_pretrained(path_or_module, model: nn.Module | None = None) -> nn.Module
     """A pretrained model from a ``.safetensors``/``.pt`` file or a module.
 
     With ``model``, its weights are loaded from the source (strictly; shape mismatches name the
-    keys) and ``model`` is returned. Without it, a file saved by fastadapt rebuilds its own MLP."""
+    keys) and ``model`` is returned. Without it, a file saved by fastadapt rebuilds its own MLP, or the
+    Pipeline (preprocessing, MLP, label names) that the CLI saves."""
     if isinstance(path_or_module, nn.Module):
         if model is None:
             return path_or_module
@@ -162,9 +163,9 @@ def load_pretrained(path_or_module, model: nn.Module | None = None) -> nn.Module
         if config is None:
             raise ValueError(f"{os.fspath(path_or_module)!r} does not record its architecture; "
                              f"pass model= to load the weights into")
-        from fastadapt.training.models import MLP
+        from fastadapt.training.models import from_config
 
-        model = MLP(**config)
+        model = from_config(config)
     load_state(model, state, source=str(path_or_module) if not isinstance(path_or_module, nn.Module) else "module")
     return model
 
