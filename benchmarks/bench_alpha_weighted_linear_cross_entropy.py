@@ -12,6 +12,8 @@ fastadapt.alpha_weighted_linear_cross_entropy against
 
     pytest benchmarks/bench_alpha_weighted_linear_cross_entropy.py --benchmark-only       # tiny shape
     BENCH_LCE_LARGE=1 pytest benchmarks/bench_alpha_weighted_linear_cross_entropy.py --benchmark-only
+    python benchmarks/bench_alpha_weighted_linear_cross_entropy.py --interleaved SHAPE DTYPE [frozen]
+        # the ratios in BENCHMARKS.md: the implementations in turn, round after round, in one process
 
 The tiny shape runs always (and under --benchmark-disable, as a smoke test); the issue's shapes
 (N rows per side, D, V) only with BENCH_LCE_LARGE=1: eager needs seconds and ~2 GB per call at
@@ -24,15 +26,18 @@ BENCHMARKS.md is gemm_floor's median over the row's.
 """
 import json
 import os
+import statistics
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))  # as a script
+_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path[:0] = [os.path.join(_ROOT, "tests"), _ROOT]  # as a script: this checkout's fastadapt
 import fastadapt  # noqa: E402
 from common import fresh_compile, record, run  # noqa: E402
 from devices import DEVICES  # noqa: E402
@@ -228,3 +233,41 @@ def test_peak_extra_memory(benchmark, device, shape, impl):
                                 eager_logits_one_side_MB=round(n * v * 4 / 2 ** 20, 1))
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)
     assert extra > -2 ** 20  # the gradients' bytes are in the delta: never much below 0
+
+
+def interleaved(shape, dtype, frozen, impls=("eager", "fastadapt", "compile", "torch_chunked", "gemm_floor"),
+                repeats=3):
+    """Forward + backward of each implementation in turn, `repeats` rounds in one process (the VM is shared
+    and noisy): each one's median time and GFLOP/s, and the median of the per-round ratios to fastadapt."""
+    n, d, v = SHAPES[shape]
+    sh, sy, th, ty, w = _inputs(n, d, v, frozen, dtype)
+    leaves = [t for t in (sh, th, w) if t.requires_grad]
+    fns = {k: loss_fn(k, smoke=False) for k in impls if _skip_reason(k, "cpu") is None}
+
+    def step(fn):
+        for t in leaves:
+            t.grad = None
+        start = time.perf_counter()
+        fn(sh, sy, th, ty, w, ALPHA).backward()
+        return time.perf_counter() - start
+
+    for fn in fns.values():  # compile, first-touch page faults
+        step(fn)
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            times[k].append(step(fn))
+    flops = 2 * 2 * n * d * v * (2 if frozen else 3)
+    fa = times["fastadapt"]
+    print(f"{shape} {dtype} {'frozen' if frozen else 'trained'} head, alpha={ALPHA}, CPU, "
+          f"{torch.get_num_threads()} threads, {repeats} rounds")
+    for k, ts in times.items():
+        ratio = statistics.median([a / b for a, b in zip(ts, fa)])
+        print(f"  {k:13s} median {statistics.median(ts):7.2f} s  {flops / statistics.median(ts) / 1e9:6.1f} GFLOP/s"
+              f"  time / fastadapt's {ratio:.2f}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 4 or sys.argv[1] != "--interleaved" or sys.argv[2] not in SHAPES:
+        sys.exit(f"usage: {sys.argv[0]} --interleaved {{{','.join(SHAPES)}}} {{float32,bfloat16}} [frozen]")
+    interleaved(sys.argv[2], getattr(torch, sys.argv[3]), sys.argv[4:] == ["frozen"])
