@@ -74,10 +74,13 @@ void side_pass(const Side& s, int k, const at::Tensor& w, const std::optional<at
   const auto acc_type = at::toOpMathType(w.scalar_type());
   const bool widen = acc_type != w.scalar_type();
   // the logits chunk in the inputs' dtype (the unfused composition rounds its logits there too); for
-  // bf16 it is widened into xa, and later holds the rounded dlogits of grad_hidden's GEMM
+  // bf16 it is widened into xa, and xb later holds the rounded dlogits of grad_hidden's GEMM. The row
+  // pass writes dlogits over xa (one buffer fewer, so chunks twice as large for the same memory and
+  // half the passes over W and grad_W), except with softcap, whose chain rule reads the capped logits
+  // after the gradient is written.
   const at::Tensor xb = at::empty({c, V}, w.options());
   const at::Tensor xa = widen ? at::empty({c, V}, w.options().dtype(acc_type)) : xb;
-  const at::Tensor dx = grads ? at::empty({c, V}, xa.options()) : at::Tensor();
+  const at::Tensor dx = !grads ? at::Tensor() : o.cap ? at::empty({c, V}, xa.options()) : xa;
   const at::Tensor hbuf = gathered ? at::empty({c, D}, s.hidden.options()) : at::Tensor();
   const at::Tensor wt = w.t();
   for (int64_t r0 = 0; r0 < rows; r0 += c) {

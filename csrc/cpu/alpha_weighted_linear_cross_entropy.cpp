@@ -4,8 +4,9 @@
 // Per chunk row: softcap c * tanh(x / c) in place (the logits buffer is the kernel's own), then the
 // cross-entropy's fused row kernel (row_kernels.h, ce_row: loss and gradient in one read of the row),
 // then the z-loss's term and the softcap's chain rule on the gradient. Reads the chunk's logits, writes
-// its dlogits once; rows are independent and split over threads, each row's arithmetic is the same
-// whatever the thread count.
+// its dlogits once, over the logits themselves unless softcap needs them afterwards
+// (chunked_linear_ce.h); rows are independent and split over threads, each row's arithmetic is the
+// same whatever the thread count.
 //
 // The CPU lists the non-ignored rows of a side (the labels are on the host: no sync), so ignored rows
 // cost no GEMM work; it range-checks the labels in the same pass, before any GEMM.
@@ -48,17 +49,19 @@ void chunk_rows(A* x, int64_t n, int64_t V, const int64_t* y, const Options& o, 
       }
       const A s = g ? A(scale[i]) : A(0);
       double lse = 0.0;
-      double l = double(f.ce_row(xr, V, y[i], A(o.eps), g, s, &lse));
+      double l = double(f.ce_row(xr, V, y[i], A(o.eps), g, s, &lse));  // g may be xr: x is gone after this
       if (o.z != 0.0) {
-        // z * lse^2 adds 2 z lse softmax(x) to the gradient; the softmax is recomputed here (one more exp
-        // per element, paid only with z_loss; ce_row keeps its exponentials to itself)
         l += o.z * lse * lse;
         if (g) {
-          const double k = 2.0 * o.z * lse * double(s);
-          for (int64_t j = 0; j < V; ++j) g[j] += A(k * std::exp(double(xr[j]) - lse));
+          // z * lse^2 adds k * s * softmax(x), k = 2 z lse, to the gradient; ce_row's g is
+          // s * (softmax - eps/V - (1 - eps) [j == y]), so s * softmax = g + s * (eps/V + (1 - eps) [j == y])
+          // and the new gradient is g (1 + k) + k s (eps/V + (1 - eps) [j == y]): no second exp
+          const A k = A(2.0 * o.z * lse), off = A(o.eps / double(V)) * s;
+          for (int64_t j = 0; j < V; ++j) g[j] = g[j] * (A(1) + k) + k * off;
+          g[y[i]] += k * s * A(1.0 - o.eps);
         }
       }
-      if (g && o.cap) {  // d/dx c tanh(x / c) = 1 - tanh^2, from the capped value already in xr
+      if (g && o.cap) {  // d/dx c tanh(x / c) = 1 - tanh^2, from the capped value in xr (g is not xr here)
         const A c = A(*o.cap);
         for (int64_t j = 0; j < V; ++j) {
           const A t = xr[j] / c;

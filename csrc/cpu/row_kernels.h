@@ -22,7 +22,8 @@ struct LossRowFns {
   // scale * (softmax(x) - eps/C - (1-eps) * onehot(y)) in the same pass (x is read from DRAM once: the
   // later passes over the row hit the cache). A row whose max is not finite gives NaN, as in ATen.
   // lse is kept in double: with logits near 1e4 a float lse is off by half an ulp of 1e4 (5e-4),
-  // which would show up as a 5e-4 relative error in the recomputed softmax.
+  // which would show up as a 5e-4 relative error in the recomputed softmax. grad may be x itself (the
+  // fused linear cross-entropy turns its logits buffer into dlogits in place).
   T (*ce_row)(const T* x, int64_t C, int64_t y, T eps, T* grad, T scale, double* lse);
   // Rows with few classes (C <= kSmallClasses), a block of up to kBlockRows rows at a time with one
   // row per vector lane: the per-row horizontal reductions and tail masks of ce_row cost more than

@@ -7,7 +7,8 @@
 //           and, for label smoothing, the row sum;
 //   pass 2: sum of exp(x - max) -> lse (float64, as the CPU's);
 //   pass 3 (gradient wanted): dlogits = scale * (softmax * (1 + 2 z lse) - eps / V - (1 - eps) [j == y]),
-//           times the softcap's 1 - (x / c)^2, written once.
+//           times the softcap's 1 - (x / c)^2, written once (over the logits, unless softcap is set:
+//           chunked_linear_ce.h).
 // Reads the row 3 times and writes it at most twice; a chunk is small enough to stay in L2 between the
 // GEMM that writes it and these passes (BENCHMARKS.md, issue 13, has what was measured on a GPU, if any).
 // Conventions shared with the cross-entropy kernel: a label outside [0, V) that is not ignore_index
@@ -70,14 +71,15 @@ __global__ __launch_bounds__(kMaxThreads) void linear_ce_rows_kernel(A* __restri
     m = nan_max(m, v);
     sx += v;
   }
-  m = block_max(m, smem);
+  m = block_max(m, smem);  // its barrier also publishes pass 1's capped values
+  // read before the barrier of the next block_sum: pass 3 may write the gradient over x (in place)
+  const double xy = bad ? dnan<double>() : double(xr[yi]);
   if (a.eps != 0.0) sx = block_sum(sx, smem);
   A s = A(0);
   for (int64_t j = threadIdx.x; j < V; j += blockDim.x) s += dexp(xr[j] - m);
   s = block_sum(s, smem);
   const double lse = double(m) + ::log(double(s));
   if (threadIdx.x == 0) {
-    const double xy = bad ? dnan<double>() : double(xr[yi]);
     double l = lse - (1.0 - a.eps) * xy - a.eps / double(V) * double(sx);
     if (a.z != 0.0) l += a.z * lse * lse;
     loss[row] = l;

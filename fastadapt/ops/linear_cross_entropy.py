@@ -27,20 +27,25 @@ from fastadapt.ops._extension import has_ops, use_compiled
 from fastadapt.ops.losses import _as, _combine
 from fastadapt.ops.reference import _is_zero, _wide, linear_ce_row_losses
 
-# Bytes of one chunk's logits in the accumulation type when chunk_size is None. A chunk costs a few such
-# buffers (logits and dlogits in the compiled op; more in the fallback), and every chunk re-streams the
-# whole fp32 weight gradient (addmm_ with K = chunk rows), so small chunks are slow. Measured on the CPU
-# op (NOTES-issue13.md): at V = 32000, 8 MB (65 rows) gave 28 MB extra and ~12 s a step, 16 MB (131
-# rows) ~49 MB and ~8.5-9.3 s, 32 MB (262 rows) 94 MB, over the issue's 64 MB budget.
-_CHUNK_BYTES = 16 << 20
+# What the chunk buffers of the compiled op may hold when chunk_size is None: 32 MB, or 1/32 of the larger
+# side's float32 logits when that is more (the issue's budget for the whole extra memory is 64 MB or 1/16
+# of one side's eager logits, whichever is larger; the GEMMs and the allocator take some of the rest).
+# Every chunk re-reads W twice and re-streams the float32 weight gradient once, so the largest chunk the
+# budget allows is the fastest: BENCHMARKS.md (issue 13) has the measurements behind this.
+_CHUNK_BYTES = 32 << 20
 
 _LINEAR_CE = (torch.ops.fastadapt.alpha_weighted_linear_cross_entropy.default
               if has_ops() and hasattr(torch.ops.fastadapt, "_alpha_weighted_linear_cross_entropy_backward") else None)
 
 
-def default_chunk_size(vocab: int) -> int:
-    """Rows per chunk for a V-class head: _CHUNK_BYTES of fp32 logits, at least one row."""
-    return max(1, _CHUNK_BYTES // (4 * max(vocab, 1)))
+def default_chunk_size(vocab: int, rows: int = 0, dtype=torch.float32, softcap=None) -> int:
+    """Rows per chunk for a V-class head, `rows` the larger side's: the chunk buffers (the logits in the
+    inputs' dtype, widened to float32 for bf16, and a separate dlogits buffer only with softcap; see
+    csrc/chunked_linear_ce.h) within the budget above, at least one row."""
+    acc = 8 if dtype == torch.float64 else 4
+    per_elem = (acc if dtype in (torch.float32, torch.float64) else 2 + acc) + (acc if softcap is not None else 0)
+    budget = max(_CHUNK_BYTES, rows * vocab * 4 // 32)
+    return max(1, budget // (per_elem * max(vocab, 1)))
 
 
 def alpha_weighted_linear_cross_entropy(source_hidden, source_labels, target_hidden, target_labels, weight, bias=None,
@@ -82,7 +87,8 @@ def alpha_weighted_linear_cross_entropy(source_hidden, source_labels, target_hid
     if not torch.compiler.is_compiling() and source_hidden.device.type == "cpu":
         # the label range is checked before any GEMM runs (on the CPU, where reading it costs no sync)
         _validate.check_linear_ce_labels([(n, y) for w, n, y in sides if not _is_zero(w)], weight, ignore_index)
-    chunk = chunk_size or default_chunk_size(weight.shape[0])
+    rows = max(source_hidden.numel(), target_hidden.numel()) // max(weight.shape[1], 1)
+    chunk = chunk_size or default_chunk_size(weight.shape[0], rows, weight.dtype, softcap)
     if _LINEAR_CE is not None and source_hidden.device.type in ("cpu", "cuda") and use_compiled(source_hidden):
         # the compiled op takes hidden flattened to (rows, D) and returns its terms in the accumulation type
         d = weight.shape[1]

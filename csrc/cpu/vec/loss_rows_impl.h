@@ -145,13 +145,14 @@ T ce_row_t(const T* x, int64_t C, int64_t y, T eps, T* grad, T scale, double* ls
   const T s = exp_sum<T, kGrad, kSmooth>(x, C, m, e_row, &sx);
   *lse_out = double(m) + double(std::log(s));
   const T off = kSmooth ? eps / T(C) : T(0);
+  const T xy = x[y];  // read before grad is written: grad may be x
   if (kGrad) {
     scale_shift_stream(e_row, C, scale / s, scale * off, grad);
     grad[y] -= scale * (T(1) - eps);
   }
   // (m - x[y]) first: with logits near 1e4, lse - x[y] would lose the answer to rounding.
   const T ls = std::log(s);
-  const T nll = (m - x[y]) + ls;
+  const T nll = (m - xy) + ls;
   return kSmooth ? smoothed(nll, ls - sx / T(C), eps) : nll;
 }
 
