@@ -104,7 +104,7 @@ void side_pass(const Side& s, int k, const at::Tensor& w, const std::optional<at
     if (gathered) loss.index_copy_(0, idx, lc);
     if (!grads) continue;
     if (g.gh[k].defined()) {
-      // grad_hidden's GEMM in the inputs' dtype, as the unfused composition's
+      // grad_hidden's GEMM in the inputs' dtype, on dlogits rounded to it as the unfused composition's
       const at::Tensor d = widen ? xv.copy_(dxv) : dxv;
       if (gathered) {
         g.gh[k].index_copy_(0, idx, at::mm(d, w));
@@ -113,7 +113,10 @@ void side_pass(const Side& s, int k, const at::Tensor& w, const std::optional<at
         at::mm_out(ghc, d, w);
       }
     }
-    if (g.gw.defined()) g.gw.addmm_(dxv.t(), widen ? hc.to(acc_type) : hc);  // fp32 accumulation for bf16
+    // float32 accumulation for bf16: float32 dlogits and hidden, one float32 buffer for the whole call.
+    // (A bf16 GEMM per chunk added into it would run at this CPU's AMX rate, but rounds every chunk's
+    // partial to bf16 first: BENCHMARKS.md, issue 13.)
+    if (g.gw.defined()) g.gw.addmm_(dxv.t(), widen ? hc.to(acc_type) : hc);
     if (g.gb.defined()) g.gb.add_(dxv.sum(0));
   }
 }
