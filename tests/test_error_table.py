@@ -7,6 +7,7 @@ validated before either runs, so both raise the same thing. ``{tmp}`` stands for
 """
 import os
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -51,6 +52,12 @@ def kd(z=None, y=None, t=None, alpha=0.5, temperature=2.0, **kw):
     y = Y(4) if y is None else y
     t = L(4, 3) if t is None else t
     return fastadapt.alpha_weighted_distillation(z, y, t, alpha, temperature, **kw)
+
+
+def _script(module):
+    with warnings.catch_warnings():  # torch.jit.script's own FutureWarning (deprecated)
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.jit.script(module)
 
 
 def _labels(*values):
@@ -216,6 +223,9 @@ API_CASES = [
      "unexpected option(s) for kind='mse': ['label_smoothing']; allowed: ['reduction']"),
     ("module-alpha", "AlphaWeightedLoss(alpha=2.0)", lambda t: fastadapt.AlphaWeightedLoss(alpha=2.0), ValueError,
      "alpha must lie in [0, 1], got 2.0"),
+    ("module-jit-script", "torch.jit.script(AlphaWeightedLoss())", lambda t: _script(fastadapt.AlphaWeightedLoss()),
+     TypeError, "AlphaWeightedLoss does not support torch.jit.script (deprecated by PyTorch); run it eagerly, under "
+     "torch.compile or torch.export"),
     # ---- linear_relu
     ("linear-relu-shape", "x (2, 3), weight (4, 5)",
      lambda t: fastadapt.linear_relu(L(2, 3), L(4, 5), L(4)), ValueError,

@@ -176,6 +176,12 @@ class AlphaWeightedLoss(nn.Module):
         weights = {name: getattr(self, name) for name in self._WEIGHTS if getattr(self, name) is not None}
         return self._KINDS[self.kind](source_out, source_y, target_out, target_y, self.alpha, **self.options, **weights)
 
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this before compiling: say what to use instead of TorchScript's
+        # "python value of type ... cannot be used as a value" from deep inside the argument checks
+        raise TypeError(f"{type(self).__name__} does not support torch.jit.script (deprecated by PyTorch); run it "
+                        "eagerly, under torch.compile or torch.export")
+
     def extra_repr(self) -> str:
         alpha = float(self.alpha) if not isinstance(self.alpha, torch.Tensor) or self.alpha.device.type == "cpu" else "tensor"
         opts = "".join(f", {k}={v!r}" for k, v in self.options.items())
