@@ -66,6 +66,16 @@ def test_cross_entropy_mixed_dtypes_are_cast_as_f_casts_them(backend):
     check_like_f(out, ref, backward_of(out, (sl, tl)), backward_of(ref, (sl, tl)))
 
 
+def test_float16_on_the_cpu_is_cast_under_autocast(backend):
+    # outside autocast the CPU kernels refuse float16 (docs/ERRORS.md, ce-logits-half-cpu); F under autocast
+    # takes it, cast to float32
+    sl, sy, tl, ty = ce_inputs(torch.float16)
+    with torch.autocast(**AUTOCAST):
+        out = fastadapt.alpha_weighted_cross_entropy(sl, sy, tl, ty, 0.3)
+        ref = f_cross_entropy(sl, sy, tl, ty, 0.3, "mean")
+    check_like_f(out, ref, backward_of(out, (sl, tl)), backward_of(ref, (sl, tl)))
+
+
 def test_cross_entropy_outside_autocast_keeps_the_logits_dtype(backend):
     sl, sy, tl, ty = ce_inputs(torch.bfloat16)
     with torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=False):

@@ -89,9 +89,9 @@ def _autocast(*tensors):
     Returns the tensors and the loss's dtype (outside autocast the first input's). When the floating inputs
     already share one dtype nothing is copied: the kernels and the reference compute in float32 or better and
     return float32 terms for bfloat16/float16 inputs, so skipping the final rounding gives what the cast
-    would, and the gradients come back in the inputs' dtype as through F's cast. Mixed
-    dtypes (bf16 logits with float32 probability targets or class weights, say) are cast, as F's policy
-    would, instead of being refused. Done here, not as an Autocast kernel of the ops: the validation, the
+    would, and the gradients come back in the inputs' dtype as through F's cast. Mixed dtypes (bf16 logits
+    with float32 probability targets or class weights, say) and a dtype the kernels do not take on that
+    device are cast, as F's policy would, instead of being refused. Done here, not as an Autocast kernel of the ops: the validation, the
     fallback and the final rounding all happen in this layer, before and after the op.
     """
     first = tensors[0]
@@ -100,7 +100,8 @@ def _autocast(*tensors):
     device = first.device.type
     if not (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)):
         return tensors, first.dtype
-    if len({t.dtype for t in tensors if isinstance(t, torch.Tensor) and t.is_floating_point()}) > 1:
+    dtypes = {t.dtype for t in tensors if isinstance(t, torch.Tensor) and t.is_floating_point()}
+    if len(dtypes) > 1 or not dtypes <= set(_validate.float_dtypes(first.device)):  # float16 on the CPU, say
         tensors = tuple(t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
                         else t for t in tensors)
     return tensors, torch.promote_types(tensors[0].dtype, torch.float32)
