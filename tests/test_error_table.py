@@ -7,6 +7,7 @@ validated before either runs, so both raise the same thing. ``{tmp}`` stands for
 """
 import os
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -60,6 +61,12 @@ def lce(sh=None, sy=None, th=None, ty=None, w=None, b=None, **kw):
     ty = Y(3) if ty is None else ty
     w = L(5, 8) if w is None else w
     return fastadapt.alpha_weighted_linear_cross_entropy(sh, sy, th, ty, w, b, 0.5, **kw)
+
+
+def _script(module):
+    with warnings.catch_warnings():  # torch.jit.script's own FutureWarning (deprecated)
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.jit.script(module)
 
 
 def _labels(*values):
@@ -250,6 +257,9 @@ API_CASES = [
      "unexpected option(s) for kind='mse': ['label_smoothing']; allowed: ['reduction']"),
     ("module-alpha", "AlphaWeightedLoss(alpha=2.0)", lambda t: fastadapt.AlphaWeightedLoss(alpha=2.0), ValueError,
      "alpha must lie in [0, 1], got 2.0"),
+    ("module-jit-script", "torch.jit.script(AlphaWeightedLoss())", lambda t: _script(fastadapt.AlphaWeightedLoss()),
+     TypeError, "AlphaWeightedLoss does not support torch.jit.script (deprecated by PyTorch); run it eagerly, under "
+     "torch.compile or torch.export"),
     # ---- linear_relu
     ("linear-relu-shape", "x (2, 3), weight (4, 5)",
      lambda t: fastadapt.linear_relu(L(2, 3), L(4, 5), L(4)), ValueError,

@@ -58,24 +58,52 @@ def test_cli_info_prints_build_info():
     assert info["extension_loaded"] == fastadapt.has_ops()
 
 
+CACHE_SNIPPET = """
+import json, torch, fastadapt
+from fastadapt.ops import _extension
+xs = torch.randn(512, 16384, requires_grad=True)  # 32 MB gradients: large enough for the cache
+xt = torch.randn(512, 16384, requires_grad=True)
+y = torch.randint(0, 16384, (512,))
+fastadapt.alpha_weighted_cross_entropy(xs, y, xt, y, 0.5).backward()
+ptrs = {xs.grad.data_ptr(), xt.grad.data_ptr()}
+xs.grad = xt.grad = None  # with the cache on, both blocks go back to it ...
+idle = _extension._C.cache_stats()
+fastadapt.alpha_weighted_cross_entropy(xs, y, xt, y, 0.5).backward()
+reused = {xs.grad.data_ptr(), xt.grad.data_ptr()} == ptrs  # ... and are reused, not re-faulted
+in_use = _extension._C.cache_stats()
+xs.grad = xt.grad = None
+freed = fastadapt.empty_cache()
+print(json.dumps(dict(idle=idle, reused=reused, in_use=in_use, freed=freed, after=_extension._C.cache_stats())))
+"""
+
+
+def _cache_run(cache_mb):
+    """CACHE_SNIPPET in a fresh process (the cache's size is read once per process); None: the default."""
+    env = {k: v for k, v in os.environ.items() if k != "FASTADAPT_CPU_CACHE_MB"}
+    if cache_mb is not None:
+        env["FASTADAPT_CPU_CACHE_MB"] = str(cache_mb)
+    out = subprocess.run([sys.executable, "-c", CACHE_SNIPPET], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def test_cpu_gradient_cache_reuses_and_releases():
     if not fastadapt.has_ops():
         return
-    from fastadapt.ops import _extension
-    fastadapt.empty_cache()
-    xs = torch.randn(512, 16384, requires_grad=True)  # 32 MB gradients: served by the cache
-    xt = torch.randn(512, 16384, requires_grad=True)
-    y = torch.randint(0, 16384, (512,))
-    fastadapt.alpha_weighted_cross_entropy(xs, y, xt, y, 0.5).backward()
-    ptrs = {xs.grad.data_ptr(), xt.grad.data_ptr()}
-    xs.grad = xt.grad = None  # both blocks go back to the cache ...
-    assert _extension._C.cache_stats() == (2 * 512 * 16384 * 4, 2)
-    fastadapt.alpha_weighted_cross_entropy(xs, y, xt, y, 0.5).backward()
-    assert {xs.grad.data_ptr(), xt.grad.data_ptr()} == ptrs  # ... and are reused, not re-faulted
-    assert _extension._C.cache_stats() == (0, 0)
-    xs.grad = xt.grad = None
-    assert fastadapt.empty_cache() == 2 * 512 * 16384 * 4
-    assert _extension._C.cache_stats() == (0, 0)
+    block = 512 * 16384 * 4
+    res = _cache_run(64)
+    assert res["idle"] == [2 * block, 2] and res["reused"] and res["in_use"] == [0, 0], res
+    assert res["freed"] == 2 * block and res["after"] == [0, 0], res
+    res = _cache_run(32)  # room for one idle block: the second is freed
+    assert res["idle"] == [block, 1] and res["freed"] == block, res
+
+
+def test_cpu_gradient_cache_is_off_by_default():
+    # it keeps one step's gradients resident and raises the step's peak (csrc/cpu/grad_buffer.h)
+    if not fastadapt.has_ops():
+        return
+    res = _cache_run(None)
+    assert res["idle"] == [0, 0] and res["freed"] == 0 and res["after"] == [0, 0], res
 
 
 def test_a_built_extension_loads():

@@ -522,3 +522,34 @@ def test_bf16_no_farther_from_float64_than_eager(backend, device, shape):
     exact = F.relu(F.linear(x.double(), w.double(), b.double()))
     err = lambda y: (y.double() - exact).abs().max().item()  # noqa: E731
     assert err(fastadapt.linear_relu(x, w, b)) <= err(F.relu(F.linear(x, w, b))) + 1e-6
+
+
+# ---- torch.jit.script (issue 15) ---------------------------------------------------------------------
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.(script|save|load)` is deprecated:FutureWarning")
+def test_jit_script_matches_eager_and_round_trips(tmp_path):
+    """A model with FusedLinearReLU layers scripts (it used to fail on the Python checks), gives eager's
+    output and gradients, and survives torch.jit.save / load."""
+    torch.manual_seed(3)
+    model = nn.Sequential(fastadapt.FusedLinearReLU(6, 5), fastadapt.FusedLinearReLU(5, 4, bias=False), nn.Linear(4, 2))
+    scripted = torch.jit.script(model)
+    torch.jit.save(scripted, tmp_path / "m.pt")
+    loaded = torch.jit.load(tmp_path / "m.pt")
+    x = torch.randn(7, 6)
+    eager_out = model(x)
+    eager_grads = torch.autograd.grad(eager_out.sum(), list(model.parameters()))
+    for m in (scripted, loaded):
+        out = m(x)
+        torch.testing.assert_close(out, eager_out, rtol=0, atol=0)
+        for g, e in zip(torch.autograd.grad(out.sum(), list(m.parameters())), eager_grads):
+            torch.testing.assert_close(g, e, rtol=0, atol=0)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+def test_jit_script_reference_is_eager_formula():
+    # what a scripted FusedLinearReLU runs where no compiled kernel serves the input
+    from fastadapt.ops.linear_relu import _scripted_reference
+    fn = torch.jit.script(_scripted_reference)
+    x, w, b = torch.randn(4, 3), torch.randn(2, 3), torch.randn(2)
+    torch.testing.assert_close(fn(x, w, b), F.relu(F.linear(x, w, b)), rtol=0, atol=0)
+    torch.testing.assert_close(fn(x, w, None), F.relu(F.linear(x, w)), rtol=0, atol=0)

@@ -25,7 +25,7 @@ struct Cache {
   int64_t idle_bytes = 0;
   int64_t limit = [] {
     const char* v = std::getenv("FASTADAPT_CPU_CACHE_MB");
-    return v ? std::atoll(v) * (int64_t(1) << 20) : (int64_t(2048) << 20);
+    return v ? std::atoll(v) * (int64_t(1) << 20) : int64_t(0);  // off unless asked for: see grad_buffer.h
   }();
 };
 

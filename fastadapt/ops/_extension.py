@@ -80,9 +80,10 @@ def _version() -> str:
 def empty_cache() -> int:
     """Releases the idle CPU gradient buffers fastadapt keeps for reuse; returns the bytes freed.
 
-    Large CPU loss gradients come from a small cache of huge-page-advised blocks (at most
-    FASTADAPT_CPU_CACHE_MB, default 2048, of idle memory), so a training loop does not pay the
-    page faults of a fresh allocation every step. Like torch.cuda.empty_cache, this only returns
-    memory no tensor is using.
+    Only with FASTADAPT_CPU_CACHE_MB=N set (N > 0; the default is 0, no cache) do large CPU loss
+    gradients come from a cache of huge-page-advised blocks, at most N MB of them idle, so that a
+    training loop does not pay the page faults of a fresh allocation every step. Those idle blocks stay
+    resident between steps and raise a step's peak memory above eager's (csrc/cpu/grad_buffer.h says
+    why it is off by default). Like torch.cuda.empty_cache, this only returns memory no tensor is using.
     """
     return int(_C.empty_cache()) if _C is not None else 0

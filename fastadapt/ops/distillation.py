@@ -3,7 +3,7 @@
 
 Validated as the other losses (fastadapt/ops/_validate.py), then the fused compiled op where it serves
 the inputs' device, else the pure-PyTorch reference; the two terms come back in float32 or better and
-are added and rounded once (losses._combine).
+are added and rounded once (losses._combine), under autocast to float32 (losses._autocast).
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 
 from fastadapt.ops import _validate, reference
 from fastadapt.ops._extension import has_ops, use_compiled
-from fastadapt.ops.losses import _combine
+from fastadapt.ops.losses import _autocast, _combine
 
 _DISTILLATION = torch.ops.fastadapt.alpha_weighted_distillation.default if has_ops() else None
 
@@ -34,6 +34,7 @@ def alpha_weighted_distillation(logits, labels, teacher_logits, alpha=0.5, tempe
     are not. As ``F.cross_entropy``, a mean over all-ignored labels is NaN, and with it the loss unless
     ``alpha == 0``. No gradient flows to the teacher: a ``teacher_logits`` that requires grad raises.
     """
+    (logits, teacher_logits), loss_dtype = _autocast(logits, teacher_logits)
     _validate.check_class_dim(class_dim)
     _validate.check_class_indices("labels", labels)
     z, _ = _validate.ce_side("", logits, labels, class_dim)
@@ -56,4 +57,4 @@ def alpha_weighted_distillation(logits, labels, teacher_logits, alpha=0.5, tempe
             raise
         _validate.raise_named_label_error([("labels", z, labels)], ignore_index)
         raise
-    return _combine(terms, red, logits.dtype)
+    return _combine(terms, red, loss_dtype)

@@ -7,12 +7,13 @@ op serves the inputs when it is loaded for their device, else the pure-PyTorch r
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import nn
 
 from fastadapt.ops import _validate, reference
-from fastadapt.ops._extension import has_ops, use_compiled
+from fastadapt.ops._extension import has_cuda_ops, has_ops, use_compiled
 
 # The op, looked up once: the attribute chain torch.ops.fastadapt.linear_relu.default costs on every call.
 _LINEAR_RELU = torch.ops.fastadapt.linear_relu.default if has_ops() else None
@@ -29,6 +30,25 @@ def linear_relu(x, weight, bias=None):
     if use_compiled(x):
         return _LINEAR_RELU(x, weight, bias)
     return reference.linear_relu(x, weight, bias)
+
+
+# What a FusedLinearReLU runs under torch.jit.script, which compiles neither linear_relu's Python checks nor
+# its extension lookup: the op itself (its C++ checks still run), or the reference where no compiled kernel
+# serves the input, as use_compiled decides, fixed by what loaded at import (TorchScript reads no globals).
+def _scripted_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    return torch.relu(torch.nn.functional.linear(x, weight, bias))
+
+
+if has_cuda_ops():
+    def _scripted_linear_relu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        return torch.ops.fastadapt.linear_relu(x, weight, bias)
+elif has_ops():
+    def _scripted_linear_relu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        if x.is_cuda:
+            return _scripted_reference(x, weight, bias)
+        return torch.ops.fastadapt.linear_relu(x, weight, bias)
+else:
+    _scripted_linear_relu = _scripted_reference
 
 
 class FusedLinearReLU(nn.Module):
@@ -89,6 +109,8 @@ class FusedLinearReLU(nn.Module):
         return self
 
     def forward(self, x):
+        if torch.jit.is_scripting():  # the branch TorchScript compiles (the other it skips)
+            return _scripted_linear_relu(x, self.weight, self.bias)
         return linear_relu(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:

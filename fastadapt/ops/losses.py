@@ -3,7 +3,7 @@
 Functional API plus a thin ``nn.Module``. Each call validates its arguments (fastadapt/ops/_validate.py),
 then runs the fused compiled op when it is available for the inputs' device, else the pure-PyTorch
 reference. Both return the two weighted terms in float32 or better; reduction mean/sum adds them
-here, and the result is rounded to the inputs' dtype once.
+here, and the result is rounded to the inputs' dtype once (kept in float32 under autocast: _autocast).
 """
 from __future__ import annotations
 
@@ -46,6 +46,8 @@ def alpha_weighted_cross_entropy(source_logits, source_labels, target_logits, ta
     exactly 0 is not evaluated (neither its logits, labels nor class weights are read). Pass ``alpha``
     as a 0-dim tensor to change it between steps without recompiling under ``torch.compile``.
     """
+    (source_logits, source_labels, target_logits, target_labels, source_weight, target_weight), loss_dtype = _autocast(
+        source_logits, source_labels, target_logits, target_labels, source_weight, target_weight)
     _validate.check_class_dim(class_dim)
     sl, sy = _validate.ce_side("source", source_logits, source_labels, class_dim)
     tl, ty = _validate.ce_side("target", target_logits, target_labels, class_dim)
@@ -76,7 +78,33 @@ def alpha_weighted_cross_entropy(source_logits, source_labels, target_logits, ta
             evaluated.append(("target_labels", tl, ty))
         _validate.raise_named_label_error(evaluated, ignore_index)
         raise
-    return _combine(terms, red, source_logits.dtype)
+    return _combine(terms, red, loss_dtype)
+
+
+def _autocast(*tensors):
+    """PyTorch's autocast policy for losses, as F.cross_entropy and F.mse_loss follow it: under autocast on the
+    inputs' device (CPU or CUDA) the floating inputs are cast to float32 (float64 stays) and the loss comes
+    back in float32, on the compiled and the fallback path alike, rather than rounded to the inputs' bf16.
+
+    Returns the tensors and the loss's dtype (outside autocast the first input's). When the floating inputs
+    already share one dtype nothing is copied: the kernels and the reference compute in float32 or better and
+    return float32 terms for bfloat16/float16 inputs, so skipping the final rounding gives what the cast
+    would, and the gradients come back in the inputs' dtype as through F's cast. Mixed dtypes (bf16 logits
+    with float32 probability targets or class weights, say) and a dtype the kernels do not take on that
+    device are cast, as F's policy would, instead of being refused. Done here, not as an Autocast kernel of the ops: the validation, the
+    fallback and the final rounding all happen in this layer, before and after the op.
+    """
+    first = tensors[0]
+    if not isinstance(first, torch.Tensor):
+        return tensors, None  # refused by the validation that follows
+    device = first.device.type
+    if not (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)):
+        return tensors, first.dtype
+    dtypes = {t.dtype for t in tensors if isinstance(t, torch.Tensor) and t.is_floating_point()}
+    if len(dtypes) > 1 or not dtypes <= set(_validate.float_dtypes(first.device)):  # float16 on the CPU, say
+        tensors = tuple(t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
+                        else t for t in tensors)
+    return tensors, torch.promote_types(tensors[0].dtype, torch.float32)
 
 
 def _combine(terms, reduction_code, dtype):
@@ -97,6 +125,8 @@ def alpha_weighted_mse(source_pred, source_target, target_pred, target_target, a
     unlike ``F.mse_loss``, (N, 1) against (N,) raises instead of broadcasting. Gradients flow to
     predictions and to targets. ``reduction="none"`` returns ``(source_losses, target_losses)``.
     """
+    (source_pred, source_target, target_pred, target_target), loss_dtype = _autocast(
+        source_pred, source_target, target_pred, target_target)
     _validate.check_mse_side("source", source_pred, source_target)
     _validate.check_mse_side("target", target_pred, target_target)
     _validate.check_same_dtype("source_pred", source_pred, "target_pred", target_pred)
@@ -108,7 +138,7 @@ def alpha_weighted_mse(source_pred, source_target, target_pred, target_target, a
         terms = _MSE(source_pred, source_target, target_pred, target_target, a, red)
     else:
         terms = reference.alpha_weighted_mse(source_pred, source_target, target_pred, target_target, a, reduction)
-    return _combine(terms, red, source_pred.dtype)
+    return _combine(terms, red, loss_dtype)
 
 
 class AlphaWeightedLoss(nn.Module):
@@ -146,6 +176,12 @@ class AlphaWeightedLoss(nn.Module):
     def forward(self, source_out, source_y, target_out, target_y):
         weights = {name: getattr(self, name) for name in self._WEIGHTS if getattr(self, name) is not None}
         return self._KINDS[self.kind](source_out, source_y, target_out, target_y, self.alpha, **self.options, **weights)
+
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this before compiling: say what to use instead of TorchScript's
+        # "python value of type ... cannot be used as a value" from deep inside the argument checks
+        raise TypeError(f"{type(self).__name__} does not support torch.jit.script (deprecated by PyTorch); run it "
+                        "eagerly, under torch.compile or torch.export")
 
     def extra_repr(self) -> str:
         alpha = float(self.alpha) if not isinstance(self.alpha, torch.Tensor) or self.alpha.device.type == "cpu" else "tensor"
