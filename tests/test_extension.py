@@ -51,6 +51,18 @@ def test_disabled_extension_falls_back_and_warns_once():
     assert abs(res["value"] - res["expected"]) < 1e-5
 
 
+def test_version_is_the_package_metadata_version():
+    from importlib.metadata import PackageNotFoundError, version
+
+    assert fastadapt.__version__ == fastadapt.build_info()["fastadapt_version"]
+    assert fastadapt.__version__.count(".") >= 2 and fastadapt.__version__.split(".")[0].isdigit()
+    try:
+        installed = version("fastadapt")
+    except PackageNotFoundError:  # a source tree on sys.path that was never installed
+        return
+    assert installed == fastadapt.__version__
+
+
 def test_cli_info_prints_build_info():
     out = subprocess.run([sys.executable, "-m", "fastadapt", "info"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

@@ -11,6 +11,8 @@ import warnings
 
 import torch
 
+from fastadapt._version import __version__
+
 _C = None
 _load_error: str | None = None
 _warned = False
@@ -52,7 +54,7 @@ def use_compiled(*tensors: torch.Tensor) -> bool:
 def build_info() -> dict:
     """What was built and whether it loaded."""
     info = {
-        "fastadapt_version": _version(),
+        "fastadapt_version": __version__,
         "torch_runtime": torch.__version__,
         "torch_built_against": getattr(_C, "torch_version", None),
         "cpu_kernels": _C is not None,
@@ -66,15 +68,6 @@ def build_info() -> dict:
         "cpu_blas": bool(_C is not None and _C.cpu_blas()),
     }
     return info
-
-
-def _version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("fastadapt")
-    except Exception:  # running from a source tree that was never installed
-        return "unknown"
 
 
 def empty_cache() -> int:
