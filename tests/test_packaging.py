@@ -79,3 +79,33 @@ def test_sdist_metadata(sdist):
     assert pkg_info.get_all("License-File") == ["LICENSE"]
     # (MANIFEST.in's excludes of build outputs warn when a clean tree has none: not a deprecation)
     assert "Deprecat" not in log, log
+
+
+@pytest.fixture
+def no_torch_env(tmp_path):
+    """An environment whose `import torch` fails, as in pip's isolated build environment (torch is not a
+    build requirement): a package named torch that raises first on the path."""
+    (tmp_path / "torch").mkdir()
+    (tmp_path / "torch" / "__init__.py").write_text("raise ImportError('no torch in this build environment')\n")
+    return {**os.environ, "PYTHONPATH": str(tmp_path), "FASTADAPT_BUILD_EXT": ""}
+
+
+def test_build_without_torch_stops_with_the_instructions(no_torch_env, tmp_path):
+    out = subprocess.run([sys.executable, "setup.py", "build_ext", "--build-temp", str(tmp_path / "t"),
+                          "--build-lib", str(tmp_path / "l")], cwd=ROOT, env=no_torch_env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 1
+    assert "setup.py: torch is not importable here" in out.stderr
+    assert "pip install --no-build-isolation fastadapt" in out.stderr
+    assert "https://download.pytorch.org/whl/cpu" in out.stderr
+    assert not (tmp_path / "l").exists()
+
+
+def test_metadata_without_torch_needs_none(no_torch_env, tmp_path):
+    # what pip asks of an sdist before it builds: the metadata (the version comes from _version.py, read
+    # without importing the package, whose __init__ imports torch)
+    out = subprocess.run([sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(tmp_path)], cwd=ROOT,
+                         env=no_torch_env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    pkg_info = email.message_from_string((tmp_path / "fastadapt.egg-info" / "PKG-INFO").read_text())
+    assert pkg_info["Version"] == fastadapt.__version__
