@@ -93,6 +93,19 @@ def test_require_extension_turns_the_fallback_into_an_import_error():
             f"{_runtime_desc()}") in out.stderr
 
 
+def test_missing_extension_is_named_at_import():
+    # as after FASTADAPT_BUILD_EXT=0: no fastadapt._C to import
+    res = run_snippet({"FASTADAPT_REQUIRE_EXTENSION": "0", "FASTADAPT_DISABLE_EXTENSION": "0"},
+                      prefix="import sys\nsys.modules['fastadapt._C'] = None\n")
+    assert res["warnings"] == [
+        "fastadapt: compiled kernels unavailable (fastadapt was installed without its compiled extension "
+        "(FASTADAPT_BUILD_EXT=0, or a source tree never built): to build it, `pip install --no-build-isolation "
+        "--no-cache-dir --force-reinstall --no-deps fastadapt (in a source checkout: pip install "
+        "--no-build-isolation -e .)`); using the pure-PyTorch fallback"]
+    assert res["info"]["extension_loaded"] is False
+    assert abs(res["value"] - res["expected"]) < 1e-5
+
+
 def test_disable_extension_wins_over_require():
     res = run_snippet({"FASTADAPT_REQUIRE_EXTENSION": "1", "FASTADAPT_DISABLE_EXTENSION": "1"}, prefix=OTHER_BUILD)
     assert res["info"]["extension_loaded"] is False

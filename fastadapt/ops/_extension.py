@@ -51,9 +51,13 @@ elif _built is not None and _built.torch_version != torch.__version__:
 else:
     try:
         from fastadapt import _C  # noqa: F811  (loading it registers the fastadapt:: ops)
-    except (ImportError, OSError) as exc:  # missing file, undefined symbol, missing shared library
+    except (ImportError, OSError) as exc:  # no build, undefined symbol, missing shared library
         _C = None
-        _load_error = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, ModuleNotFoundError) and exc.name == "fastadapt._C":
+            _load_error = ("fastadapt was installed without its compiled extension (FASTADAPT_BUILD_EXT=0, or a "
+                           f"source tree never built): to build it, `{REINSTALL}`")
+        else:
+            _load_error = f"{type(exc).__name__}: {exc}"
 
 if _C is None and not _disabled:
     if os.environ.get("FASTADAPT_REQUIRE_EXTENSION", "0") not in ("", "0"):
