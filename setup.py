@@ -87,6 +87,16 @@ def _extensions():
     # without the flag every kernel here silently runs on one thread. The libgomp.so.1 it links is the
     # one torch already loaded (torch/lib/libgomp.so.1, same soname), so there is one thread pool.
     cxx = ["-O3", "-fopenmp"]
+    # torch's headers (and the pip CUDA libraries' ones) as system headers: GCC then stops reporting
+    # their own code under our -Wall (ATen's `#pragma unroll` and `#pragma clang diagnostic`, its
+    # -Wpsabi notes), while every warning about csrc/ stays on. GCC takes a directory given both with -I
+    # (torch adds those) and -isystem as a system one.
+    torch_include = os.path.join(os.path.dirname(torch.__file__), "include")
+    system_dirs = [torch_include, os.path.join(torch_include, "torch", "csrc", "api", "include")]
+    if use_cuda:
+        system_dirs += _nvidia_include_dirs()
+    isystem = [flag for d in system_dirs for flag in ("-isystem", d)]
+    cxx += isystem
     define_macros = []
     if os.environ.get("FASTADAPT_SANITIZE"):
         # vptr checks need RTTI of torch's (uninstrumented) classes and give false reports; every UBSan
@@ -100,7 +110,7 @@ def _extensions():
         cuda_archs = os.environ["TORCH_CUDA_ARCH_LIST"] if os.environ.get("TORCH_CUDA_ARCH_LIST") else "auto"
         define_macros.append(("FASTADAPT_WITH_CUDA", None))
         ext_cls = cpp_extension.CUDAExtension
-        extra = {"cxx": cxx, "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]}
+        extra = {"cxx": cxx, "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"] + isystem}
         include_dirs = [os.path.join(ROOT, "csrc")] + _nvidia_include_dirs()
     else:
         ext_cls = cpp_extension.CppExtension
