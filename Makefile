@@ -16,7 +16,7 @@ all: test
 
 $(DEPS): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check torch numpy ninja pybind11 setuptools wheel \
+	$(PY) -m pip install -q --disable-pip-version-check torch numpy ninja pybind11 "setuptools>=77" wheel \
 		pytest pytest-benchmark hypothesis expecttest safetensors tqdm scikit-learn matplotlib psutil
 	touch $@
 

@@ -5,6 +5,11 @@ Switches (environment):
   FASTADAPT_CUDA=0/1      force the CUDA kernels off / on (default: on when torch.version.cuda and nvcc exist)
   TORCH_CUDA_ARCH_LIST    honoured; defaults to "8.0;9.0+PTX" when unset and no GPU is visible
   MAX_JOBS                honoured by torch's ninja build
+
+torch must be installed first and the build run with `pip install --no-build-isolation`: the extension
+links against the very torch it is compiled with, so pyproject.toml does not list torch as a build
+requirement (an isolated build would fetch another one). The torch a build used is recorded in
+fastadapt/_build_info.py, next to _C, for fastadapt.ops._extension to compare with the running torch.
 """
 import glob
 import os
@@ -16,6 +21,14 @@ from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCHS = "8.0;9.0+PTX"
+# setup.py commands that compile; the others (sdist, egg_info, dist_info) need no torch
+BUILD_COMMANDS = {"build", "build_ext", "bdist_wheel", "bdist", "bdist_egg", "install", "develop", "editable_wheel"}
+NO_TORCH = """setup.py: torch is not importable here, and fastadapt's extension must be compiled against the torch
+it will run with. Install torch first, then build without pip's isolated environment:
+    pip install torch                                               # CUDA build (Linux default)
+    pip install torch --index-url https://download.pytorch.org/whl/cpu   # CPU-only machines
+    pip install --no-build-isolation fastadapt                      # or: pip install --no-build-isolation -e .
+(FASTADAPT_BUILD_EXT=0 installs the pure-PyTorch fallback without compiling anything.)"""
 
 
 def _flag(name):
@@ -48,7 +61,12 @@ def _extensions():
             if os.path.exists(os.path.join(home, "bin", "nvcc")) and os.path.isdir(os.path.join(home, "include")):
                 os.environ["CUDA_HOME"] = home
                 break
-    import torch
+    try:
+        import torch
+    except ImportError:
+        if BUILD_COMMANDS.intersection(sys.argv[1:]):
+            sys.exit(NO_TORCH)
+        return [], {}  # metadata or an sdist: nothing is compiled
     from torch.utils import cpp_extension
 
     want_cuda = _flag("FASTADAPT_CUDA")
@@ -69,6 +87,16 @@ def _extensions():
     # without the flag every kernel here silently runs on one thread. The libgomp.so.1 it links is the
     # one torch already loaded (torch/lib/libgomp.so.1, same soname), so there is one thread pool.
     cxx = ["-O3", "-fopenmp"]
+    # torch's headers (and the pip CUDA libraries' ones) as system headers: GCC then stops reporting
+    # their own code under our -Wall (ATen's `#pragma unroll` and `#pragma clang diagnostic`, its
+    # -Wpsabi notes), while every warning about csrc/ stays on. GCC takes a directory given both with -I
+    # (torch adds those) and -isystem as a system one.
+    torch_include = os.path.join(os.path.dirname(torch.__file__), "include")
+    system_dirs = [torch_include, os.path.join(torch_include, "torch", "csrc", "api", "include")]
+    if use_cuda:
+        system_dirs += _nvidia_include_dirs()
+    isystem = [flag for d in system_dirs for flag in ("-isystem", d)]
+    cxx += isystem
     define_macros = []
     if os.environ.get("FASTADAPT_SANITIZE"):
         # vptr checks need RTTI of torch's (uninstrumented) classes and give false reports; every UBSan
@@ -82,7 +110,7 @@ def _extensions():
         cuda_archs = os.environ["TORCH_CUDA_ARCH_LIST"] if os.environ.get("TORCH_CUDA_ARCH_LIST") else "auto"
         define_macros.append(("FASTADAPT_WITH_CUDA", None))
         ext_cls = cpp_extension.CUDAExtension
-        extra = {"cxx": cxx, "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]}
+        extra = {"cxx": cxx, "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"] + isystem}
         include_dirs = [os.path.join(ROOT, "csrc")] + _nvidia_include_dirs()
     else:
         ext_cls = cpp_extension.CppExtension
@@ -104,8 +132,20 @@ def _extensions():
         extra_link_args=link_args,
         py_limited_api=False,
     )
-    build_ext = cpp_extension.BuildExtension.with_options(use_ninja=True)
-    return [ext], {"build_ext": build_ext}
+    build_info = {"torch_version": torch.__version__, "cuda_version": torch.version.cuda, "with_cuda": use_cuda}
+
+    class BuildExt(cpp_extension.BuildExtension.with_options(use_ninja=True)):
+        def run(self):
+            super().run()
+            # Beside _C (the package in build_lib, or the source tree for --inplace and editable
+            # installs), so that fastadapt can name the torch _C needs without loading it.
+            path = os.path.join(os.path.dirname(self.get_ext_fullpath("fastadapt._C")), "_build_info.py")
+            with open(path, "w") as f:
+                f.write('"""Written by setup.py when fastadapt._C was built: the torch it was compiled against."""\n')
+                for key, value in build_info.items():
+                    f.write(f"{key} = {value!r}\n")
+
+    return [ext], {"build_ext": BuildExt}
 
 
 ext_modules, cmdclass = _extensions()

@@ -4,6 +4,7 @@ Three layers, each importing only from the ones before it: ``fastadapt.ops`` (fu
 layers), ``fastadapt.training`` (trainers, callbacks, checkpoints, model surgery) and
 ``fastadapt.apps`` (CLI, demo, readers; not imported here).
 """
+from fastadapt._version import __version__
 from fastadapt.ops import (AlphaWeightedLinearCrossEntropy, AlphaWeightedLoss, FusedLinearReLU,
                            alpha_weighted_cross_entropy, alpha_weighted_distillation,
                            alpha_weighted_linear_cross_entropy, alpha_weighted_mse, build_info, empty_cache, fuse_linear_relu,
@@ -13,6 +14,7 @@ from fastadapt.training import (MLP, AdaptiveConfig, AdaptiveTrainer, Callback, 
                                 unfreeze)
 
 __all__ = [
+    "__version__",
     "AlphaWeightedLoss", "alpha_weighted_cross_entropy", "AlphaWeightedLinearCrossEntropy",
     "alpha_weighted_linear_cross_entropy", "alpha_weighted_mse", "alpha_weighted_distillation",
     "FusedLinearReLU", "linear_relu", "fuse_linear_relu",

@@ -23,9 +23,20 @@ print(json.dumps({"info": fastadapt.build_info(), "warnings": msgs,
 """
 
 
-def run_snippet(env_extra):
+# Stands in for the fastadapt/_build_info.py of an extension built against another torch.
+OTHER_BUILD = """
+import sys, types
+sys.modules["fastadapt._build_info"] = types.SimpleNamespace(torch_version="2.3.0+cu121", cuda_version="12.1",
+                                                             with_cuda=True)
+"""
+
+
+def run_snippet(env_extra, prefix="", check=True):
     env = dict(os.environ, **env_extra)
-    out = subprocess.run([sys.executable, "-c", SNIPPET], env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", prefix + SNIPPET], env=env, capture_output=True, text=True,
+                         timeout=120)
+    if not check:
+        return out
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -39,6 +50,10 @@ def test_build_info_keys_and_types():
     if info["extension_loaded"]:
         assert info["cpu_kernels"] is True and info["load_error"] is None
         assert info["torch_built_against"] == torch.__version__
+        from fastadapt import _build_info  # written beside _C by every build since it exists
+
+        assert _build_info.torch_version == torch.__version__
+        assert _build_info.with_cuda == info["cuda_kernels"]
     else:
         assert info["load_error"]
 
@@ -49,6 +64,65 @@ def test_disabled_extension_falls_back_and_warns_once():
     assert "FASTADAPT_DISABLE_EXTENSION" in res["info"]["load_error"]
     assert len(res["warnings"]) == 1 and "pure-PyTorch fallback" in res["warnings"][0]
     assert abs(res["value"] - res["expected"]) < 1e-5
+
+
+def _runtime_desc():
+    return f"torch {torch.__version__} ({'CUDA ' + torch.version.cuda if torch.version.cuda else 'CPU-only'})"
+
+
+def test_other_torch_build_is_named_at_import_once():
+    """An extension built against another torch is not loaded: one warning at import names both torches and
+    the reinstall command; the ops run on the fallback without a second warning."""
+    env = {"FASTADAPT_REQUIRE_EXTENSION": "0", "FASTADAPT_DISABLE_EXTENSION": "0"}
+    res = run_snippet(env, prefix=OTHER_BUILD)
+    assert res["warnings"] == [
+        "fastadapt: compiled kernels unavailable (fastadapt's extension was built against torch 2.3.0+cu121 "
+        f"(CUDA 12.1), running {_runtime_desc()}: reinstall with `pip install --no-build-isolation --no-cache-dir "
+        "--force-reinstall --no-deps fastadapt (in a source checkout: pip install --no-build-isolation -e .)`); "
+        "using the pure-PyTorch fallback"]
+    assert res["info"]["extension_loaded"] is False and res["info"]["torch_built_against"] == "2.3.0+cu121"
+    assert abs(res["value"] - res["expected"]) < 1e-5
+
+
+def test_require_extension_turns_the_fallback_into_an_import_error():
+    out = run_snippet({"FASTADAPT_REQUIRE_EXTENSION": "1", "FASTADAPT_DISABLE_EXTENSION": "0"}, prefix=OTHER_BUILD,
+                      check=False)
+    assert out.returncode == 1
+    assert ("ImportError: FASTADAPT_REQUIRE_EXTENSION=1 but fastadapt's compiled extension is unavailable: "
+            "fastadapt's extension was built against torch 2.3.0+cu121 (CUDA 12.1), running "
+            f"{_runtime_desc()}") in out.stderr
+
+
+def test_missing_extension_is_named_at_import():
+    # as after FASTADAPT_BUILD_EXT=0: no fastadapt._C to import
+    res = run_snippet({"FASTADAPT_REQUIRE_EXTENSION": "0", "FASTADAPT_DISABLE_EXTENSION": "0"},
+                      prefix="import sys\nsys.modules['fastadapt._C'] = None\n")
+    assert res["warnings"] == [
+        "fastadapt: compiled kernels unavailable (fastadapt was installed without its compiled extension "
+        "(FASTADAPT_BUILD_EXT=0, or a source tree never built): to build it, `pip install --no-build-isolation "
+        "--no-cache-dir --force-reinstall --no-deps fastadapt (in a source checkout: pip install "
+        "--no-build-isolation -e .)`); using the pure-PyTorch fallback"]
+    assert res["info"]["extension_loaded"] is False
+    assert abs(res["value"] - res["expected"]) < 1e-5
+
+
+def test_disable_extension_wins_over_require():
+    res = run_snippet({"FASTADAPT_REQUIRE_EXTENSION": "1", "FASTADAPT_DISABLE_EXTENSION": "1"}, prefix=OTHER_BUILD)
+    assert res["info"]["extension_loaded"] is False
+    assert res["info"]["load_error"] == "disabled by FASTADAPT_DISABLE_EXTENSION=1"
+    assert len(res["warnings"]) == 1 and "pure-PyTorch fallback" in res["warnings"][0]
+
+
+def test_version_is_the_package_metadata_version():
+    from importlib.metadata import PackageNotFoundError, version
+
+    assert fastadapt.__version__ == fastadapt.build_info()["fastadapt_version"]
+    assert fastadapt.__version__.count(".") >= 2 and fastadapt.__version__.split(".")[0].isdigit()
+    try:
+        installed = version("fastadapt")
+    except PackageNotFoundError:  # a source tree on sys.path that was never installed
+        return
+    assert installed == fastadapt.__version__
 
 
 def test_cli_info_prints_build_info():

@@ -1,6 +1,8 @@
 """fastadapt.fuse_linear_relu: which pairs it fuses, which it leaves alone, and that outputs, gradients
 and state_dicts of the fused model equal the original's."""
 import copy
+import logging
+import warnings
 
 import pytest
 import torch
@@ -14,6 +16,19 @@ TOL = {torch.float64: dict(rtol=1e-12, atol=1e-12), torch.float32: dict(rtol=1e-
 
 def _kinds(model):
     return [type(m).__name__ for m in model.modules() if not list(m.children())]
+
+
+def _fuse_leaving(model, message):
+    """fuse_linear_relu(model), which must warn with a message matching ``message`` (the unfused pairs)."""
+    with pytest.warns(UserWarning, match=message):
+        return fastadapt.fuse_linear_relu(model)
+
+
+def _fuse_silently(model, **kwargs):
+    """fuse_linear_relu(model) when every Linear->ReLU pair can be fused: no warning at all."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        return fastadapt.fuse_linear_relu(model, **kwargs)
 
 
 def _check_equivalent(orig, fused, x, dtype=torch.float64):
@@ -87,7 +102,8 @@ def test_linear_without_relu_stays(backend):
 def test_reused_relu_stays(backend):
     relu = nn.ReLU()
     model = nn.Sequential(nn.Linear(4, 6), relu, nn.Linear(6, 6), relu, nn.Linear(6, 2)).double()
-    fused = fastadapt.fuse_linear_relu(model)
+    fused = _fuse_leaving(model, r"fused 0 Linear->ReLU pair\(s\), left 2 unfused \(0 -> 1: the Linear or the ReLU "
+                                 r"appears more than once in the model; 2 -> 3: the Linear or the ReLU appears")
     assert _kinds(fused) == _kinds(model)
     assert all(not isinstance(m, FusedLinearReLU) for m in fused.modules())
     _check_equivalent(model, fused, torch.randn(3, 4, dtype=torch.float64))
@@ -96,13 +112,15 @@ def test_reused_relu_stays(backend):
 def test_relu_shared_between_sequentials_stays(backend):
     relu = nn.ReLU()
     model = nn.Sequential(nn.Sequential(nn.Linear(4, 4), relu), nn.Sequential(nn.Linear(4, 4), relu)).double()
-    assert not any(isinstance(m, FusedLinearReLU) for m in fastadapt.fuse_linear_relu(model).modules())
+    fused = _fuse_leaving(model, r"left 2 unfused \(0.0 -> 0.1: the Linear or the ReLU appears more than once")
+    assert not any(isinstance(m, FusedLinearReLU) for m in fused.modules())
 
 
 def test_shared_linear_stays(backend):
     lin = nn.Linear(4, 4)
     model = nn.Sequential(nn.Sequential(lin, nn.ReLU()), nn.Sequential(lin, nn.ReLU())).double()
-    assert not any(isinstance(m, FusedLinearReLU) for m in fastadapt.fuse_linear_relu(model).modules())
+    fused = _fuse_leaving(model, r"left 2 unfused \(0.0 -> 0.1: the Linear or the ReLU appears more than once")
+    assert not any(isinstance(m, FusedLinearReLU) for m in fused.modules())
 
 
 def test_hooks_block_fusion(backend):
@@ -110,7 +128,8 @@ def test_hooks_block_fusion(backend):
     seen = []
     model[0].register_forward_hook(lambda m, i, o: seen.append(o))
     model[3].register_forward_pre_hook(lambda m, i: None)
-    fused = fastadapt.fuse_linear_relu(model)
+    fused = _fuse_leaving(model, r"fused 1 Linear->ReLU pair\(s\), left 2 unfused \(0 -> 1: the Linear or the "
+                                 r"ReLU has hooks; 2 -> 3: the Linear or the ReLU has hooks\)")
     assert _kinds(fused) == ["Linear", "ReLU", "Linear", "ReLU", "FusedLinearReLU", "Identity"]
 
 
@@ -122,16 +141,18 @@ def test_subclasses_and_unsupported_dtype_stay(backend):
         pass
 
     class MySequential(nn.Sequential):
-        pass
+        def forward(self, x):  # not the plain chain: the Linear's output is scaled before the ReLU sees it
+            return self[1](2 * self[0](x))
 
     cases = [
-        nn.Sequential(MyLinear(3, 3), nn.ReLU()),
-        nn.Sequential(nn.Linear(3, 3), MyReLU()),
-        MySequential(nn.Linear(3, 3), nn.ReLU()),
-        nn.Sequential(nn.Linear(3, 3), nn.ReLU()).half(),  # float16 has no CPU kernel
+        (nn.Sequential(MyLinear(3, 3), nn.ReLU()), "0 -> 1: MyLinear -> ReLU is a subclass pair"),
+        (nn.Sequential(nn.Linear(3, 3), MyReLU()), "0 -> 1: Linear -> MyReLU is a subclass pair"),
+        (MySequential(nn.Linear(3, 3), nn.ReLU()), "0 -> 1: MySequential overrides how nn.Sequential runs"),
+        (nn.Sequential(nn.Linear(3, 3), nn.ReLU()).half(), "0 -> 1: the fused kernel takes no torch.float16 on cpu"),
     ]
-    for model in cases:
-        assert not any(isinstance(m, FusedLinearReLU) for m in fastadapt.fuse_linear_relu(model).modules())
+    for model, why in cases:
+        fused = _fuse_leaving(model, r"fused 0 Linear->ReLU pair\(s\), left 1 unfused \(" + why)
+        assert not any(isinstance(m, FusedLinearReLU) for m in fused.modules())
 
 
 class _Net(nn.Module):
@@ -166,7 +187,8 @@ def test_custom_module_traced(backend):
 
 def test_linear_output_used_elsewhere_stays(backend):
     model = _Peeks().double()
-    fused = fastadapt.fuse_linear_relu(model)
+    fused = _fuse_leaving(model, r"fused 1 Linear->ReLU pair\(s\), left 1 unfused \(body.0 -> body.1: the Linear's "
+                                 r"output is read outside its Sequential")
     # body.0 is read outside the chain; body.2 -> body.3 is still provably private
     assert _kinds(fused) == ["Linear", "ReLU", "FusedLinearReLU", "Identity", "Linear"]
     _check_equivalent(model, fused, torch.randn(4, 6, dtype=torch.float64))
@@ -174,7 +196,8 @@ def test_linear_output_used_elsewhere_stays(backend):
 
 def test_untraceable_custom_module_stays(backend):
     model = _Untraceable().double()
-    assert _kinds(fastadapt.fuse_linear_relu(model)) == _kinds(model)
+    fused = _fuse_leaving(model, r"left 2 unfused \(body.0 -> body.1: torch.fx cannot trace the model")
+    assert _kinds(fused) == _kinds(model)
 
 
 def test_already_fused_model_is_stable(backend):
@@ -202,3 +225,67 @@ def test_bad_arguments():
         fastadapt.fuse_linear_relu(3)
     with pytest.raises(TypeError, match="inplace must be a bool, got str"):
         fastadapt.fuse_linear_relu(nn.Sequential(), inplace="yes")
+
+
+class _PlainMLP(nn.Sequential):
+    """torchvision.ops.MLP's shape: an nn.Sequential subclass that only builds its layers in __init__."""
+
+    def __init__(self, in_channels, hidden_channels):
+        layers, in_dim = [], in_channels
+        for hidden in hidden_channels[:-1]:
+            layers += [nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(0.0)]
+            in_dim = hidden
+        layers += [nn.Linear(in_dim, hidden_channels[-1]), nn.Dropout(0.0)]
+        super().__init__(*layers)
+
+
+def _mlps():
+    yield pytest.param(_PlainMLP, id="subclass")
+    try:
+        from torchvision.ops import MLP
+    except ImportError:  # torchvision is optional: the subclass above has the same structure
+        return
+    yield pytest.param(MLP, id="torchvision")
+
+
+@pytest.mark.parametrize("cls", list(_mlps()))
+def test_sequential_subclass_with_plain_forward_is_fused(backend, caplog, cls):
+    model = cls(784, [256, 128, 10]).double()
+    with caplog.at_level(logging.INFO, logger="fastadapt.ops.fuse"):
+        fused = _fuse_silently(model)
+    assert [r.getMessage() for r in caplog.records] == [f"fuse_linear_relu: fused 2 Linear->ReLU pair(s) in {cls.__name__}"]
+    assert type(fused) is cls
+    assert _kinds(fused) == ["FusedLinearReLU", "Identity", "Dropout"] * 2 + ["Linear", "Dropout"]
+    _check_equivalent(model, fused, torch.rand(5, 784, dtype=torch.float64))
+
+
+def test_sequential_subclass_nested_in_a_module(backend):
+    # the subclass reached through a custom module: the trace proves the pairs private
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mlp = _PlainMLP(6, [8, 8, 3])
+
+        def forward(self, x):
+            return self.mlp(x) * 2
+
+    model = Net().double()
+    fused = _fuse_silently(model)
+    assert _kinds(fused) == ["FusedLinearReLU", "Identity", "Dropout"] * 2 + ["Linear", "Dropout"]
+    _check_equivalent(model, fused, torch.randn(4, 6, dtype=torch.float64))
+
+
+def test_global_hooks_leave_every_pair(backend):
+    handle = nn.modules.module.register_module_forward_hook(lambda m, i, o: None)
+    try:
+        fused = _fuse_leaving(mnist_mlp(), r"fused 0 Linear->ReLU pair\(s\), left 1 unfused \(1 -> 2: global module "
+                                           r"hooks are registered\)")
+    finally:
+        handle.remove()
+    assert _kinds(fused) == ["Flatten", "Linear", "ReLU", "Linear"]
+
+
+def test_warning_counts_the_pairs_it_does_not_list(backend):
+    relu = nn.ReLU()  # one ReLU reused by five pairs: none can be fused
+    model = nn.Sequential(*[m for _ in range(5) for m in (nn.Linear(3, 3), relu)])
+    _fuse_leaving(model, r"left 5 unfused \(0 -> 1: .*; 2 -> 3: .*; 4 -> 5: [^;]*; and 2 more\)$")

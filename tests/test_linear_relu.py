@@ -339,6 +339,41 @@ def test_module_state_dict_both_ways():
     assert list(nobias.state_dict()) == ["weight"]
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_module_loads_the_sequential_it_replaces(bias):
+    seq = nn.Sequential(nn.Linear(6, 4, bias=bias), nn.ReLU())
+    fused = fastadapt.FusedLinearReLU(6, 4, bias=bias)
+    fused.load_state_dict(seq.state_dict())  # 0.weight / 0.bias, strict
+    assert torch.equal(fused.weight, seq[0].weight)
+    assert (fused.bias is None) if not bias else torch.equal(fused.bias, seq[0].bias)
+    x = torch.randn(5, 6)
+    torch.testing.assert_close(fused(x), seq(x), rtol=1e-6, atol=1e-6)
+    # and back, through the Sequential's Linear (an nn.Sequential's own keys are 0.weight, 0.bias)
+    back = nn.Sequential(nn.Linear(6, 4, bias=bias), nn.ReLU())
+    back[0].load_state_dict(fused.state_dict())
+    assert torch.equal(back[0].weight, fused.weight)
+    torch.testing.assert_close(back(x), fused(x), rtol=1e-6, atol=1e-6)
+
+
+def test_module_loads_a_nested_sequential_into_a_parent():
+    # a model whose Sequential(Linear, ReLU) block became one FusedLinearReLU: keys 0.0.weight -> 0.weight
+    orig = nn.Sequential(nn.Sequential(nn.Linear(6, 5), nn.ReLU()), nn.Linear(5, 2))
+    fused = nn.Sequential(fastadapt.FusedLinearReLU(6, 5), nn.Linear(5, 2))
+    fused.load_state_dict(orig.state_dict())
+    assert list(fused.state_dict()) == ["0.weight", "0.bias", "1.weight", "1.bias"]
+    assert torch.equal(fused[0].weight, orig[0][0].weight) and torch.equal(fused[1].bias, orig[1].bias)
+    x = torch.randn(3, 6)
+    torch.testing.assert_close(fused(x), orig(x), rtol=1e-6, atol=1e-6)
+
+
+def test_module_sequential_keys_never_override_its_own():
+    fused = fastadapt.FusedLinearReLU(2, 2)
+    own = fastadapt.FusedLinearReLU(2, 2).state_dict()
+    with pytest.raises(RuntimeError, match=r'Unexpected key\(s\) in state_dict: "0.weight"'):
+        fused.load_state_dict({**own, "0.weight": torch.zeros(2, 2)})
+    assert torch.equal(fused.weight, own["weight"])  # strict loading copies the right key before it raises
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 def test_module_factory_kwargs(dtype):
     layer = fastadapt.FusedLinearReLU(3, 2, device="cpu", dtype=dtype)

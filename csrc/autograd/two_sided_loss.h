@@ -24,10 +24,33 @@
 
 #include <array>
 #include <tuple>
+#include <utility>
 
 #include "autograd/util.h"
 
 namespace fastadapt {
+
+// Options travel through saved_data as a list of IValues, not as a tuple IValue: reading a tuple of more
+// than 3 elements back (IValue::to<std::tuple>) indexes ivalue::TupleElements' 3-element inline array
+// on a branch GCC 12 cannot rule out, and -Warray-bounds reports it inside torch's ivalue_inl.h.
+template <typename Options>
+c10::IValue options_to_ivalue(const Options& options) {
+  c10::impl::GenericList list(c10::AnyType::get());
+  list.reserve(std::tuple_size_v<Options>);
+  std::apply([&](const auto&... opt) { (list.push_back(c10::IValue(opt)), ...); }, options);
+  return list;
+}
+
+template <typename Options, size_t... I>
+Options options_from_ivalue(const c10::IValue& value, std::index_sequence<I...> /*unused*/) {
+  const c10::impl::GenericList list = value.toList();
+  return Options(list.get(I).template to<std::tuple_element_t<I, Options>>()...);
+}
+
+template <typename Options>
+Options options_from_ivalue(const c10::IValue& value) {
+  return options_from_ivalue<Options>(value, std::make_index_sequence<std::tuple_size_v<Options>>{});
+}
 
 template <typename Loss>
 class TwoSidedLossNode : public torch::autograd::Function<Loss> {
@@ -50,7 +73,7 @@ class TwoSidedLossNode : public torch::autograd::Function<Loss> {
     ctx->saved_data["written_t"] = want[1];
     ctx->saved_data["saved"] = saved;
     ctx->saved_data["alpha"] = alpha.detach().clone();  // a schedule may change alpha in place before backward
-    ctx->saved_data["options"] = options;
+    ctx->saved_data["options"] = options_to_ivalue(options);
     return {term_s, term_t};
   }
 
@@ -81,7 +104,7 @@ class TwoSidedLossNode : public torch::autograd::Function<Loss> {
                                   rest[1] ? std::optional<Tensor>(grads[1]) : std::nullopt, v[0], v[1], v[2], v[3],
                                   sd["alpha"].toTensor(), saved, opt..., rest);
           },
-          sd["options"].to<Options>());
+          options_from_ivalue<Options>(sd["options"]));
       if (rest[0]) g[0] = gs;
       if (rest[1]) g[1] = gt;
     }
@@ -91,7 +114,7 @@ class TwoSidedLossNode : public torch::autograd::Function<Loss> {
         return g[k].defined() ? g[k].neg() : Tensor();
       } else {
         return Loss::second_grad(k, v[2 * k], v[2 * k + 1], grads[k], sd["alpha"].toTensor(),
-                                 sd["saved"].toTensorVector(), sd["options"].to<Options>());
+                                 sd["saved"].toTensorVector(), options_from_ivalue<Options>(sd["options"]));
       }
     };
     auto first = [&](int k) { return ctx->needs_input_grad(2 * k) ? g[k] : Tensor(); };

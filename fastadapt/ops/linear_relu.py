@@ -54,7 +54,10 @@ else:
 class FusedLinearReLU(nn.Module):
     """``nn.Sequential(nn.Linear(in_features, out_features, bias), nn.ReLU())`` as one layer.
 
-    Parameter names, shapes and initialisation match ``nn.Linear``, so state_dicts load both ways.
+    Parameter names, shapes and initialisation match ``nn.Linear``, so an ``nn.Linear``'s state_dict loads
+    into it and its state_dict loads into an ``nn.Linear``. The Sequential's state_dict (``0.weight``,
+    ``0.bias``) loads into it too; the other way, load it into the Sequential's Linear
+    (``seq[0].load_state_dict(fused.state_dict())``).
     """
 
     __constants__ = ["in_features", "out_features"]
@@ -107,6 +110,17 @@ class FusedLinearReLU(nn.Module):
             self.register_parameter("bias", None)
         self.train(linear.training)
         return self
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # Take the state_dict of the nn.Sequential(nn.Linear, nn.ReLU) this layer replaces: its Linear's
+        # keys are 0.weight and 0.bias. Only when our own key is absent, so nothing is silently overridden
+        # (state_dict is load_state_dict's own copy: renaming keys in it is what BatchNorm's loader does too).
+        for name in ("weight", "bias"):
+            if prefix + "0." + name in state_dict and prefix + name not in state_dict:
+                state_dict[prefix + name] = state_dict.pop(prefix + "0." + name)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def forward(self, x):
         if torch.jit.is_scripting():  # the branch TorchScript compiles (the other it skips)

@@ -1,5 +1,15 @@
 // AVX-512 build of the row kernels (see row_kernels_impl.h).
 #if defined(__x86_64__) || defined(_M_X64)
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ < 13
+// GCC 12's _mm512_undefined_ps/pd/si512 (the don't-care pass-through operand of every unmasked AVX-512
+// intrinsic: _mm512_max_ps, _mm512_shuffle_f32x4, ...) initialise a variable with itself, and once
+// at::vec's wrappers are inlined at -O3 each use is reported inside avx512fintrin.h as -Wuninitialized
+// or -Wmaybe-uninitialized (GCC bug 105593, fixed in GCC 13): several hundred reports, none about a
+// value this code reads. Silenced for this translation unit only, before the intrinsics' header, for
+// those compilers only; the same row code is compiled with both warnings on for DEFAULT and AVX2.
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt")
 // sleef.h declares its vector functions by the ISA macros, which the pragma alone does not set.
 #ifndef __AVX__
