@@ -14,6 +14,8 @@ import json
 import os
 import sys
 
+from fastadapt._version import __version__
+
 
 def _cmd_info(args) -> int:
     import fastadapt
@@ -259,17 +261,9 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{text} (default: %(default)s)".lstrip()
 
 
-def _version() -> str:
-    import importlib.metadata
-
-    import fastadapt  # already imported: this module is part of it
-
-    return getattr(fastadapt, "__version__", None) or importlib.metadata.version("fastadapt")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastadapt", description=__doc__, formatter_class=_HelpFormatter)
-    parser.add_argument("--version", action="version", version=f"fastadapt {_version()}")
+    parser.add_argument("--version", action="version", version=f"fastadapt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def command(name, **kw):
