@@ -238,12 +238,12 @@ def test_module_wraps_a_linear_head_without_copying(backend):
 
 
 def test_default_chunk_size():
-    """32 MB of chunk buffers (one float32 buffer; bf16 adds its own logits; softcap a second buffer), or
+    """16 MB of chunk buffers (one float32 buffer; bf16 adds its own logits; softcap a second buffer), or
     1/32 of the larger side's float32 logits when that is more."""
-    assert lce.default_chunk_size(32000) == 262
-    assert lce.default_chunk_size(128256) == 65
-    assert lce.default_chunk_size(128256, dtype=torch.bfloat16) == 43
-    assert lce.default_chunk_size(32000, softcap=30.0) == 131
+    assert lce.default_chunk_size(32000) == 131
+    assert lce.default_chunk_size(128256) == 32
+    assert lce.default_chunk_size(128256, dtype=torch.bfloat16) == 21
+    assert lce.default_chunk_size(32000, softcap=30.0) == 65
     assert lce.default_chunk_size(128256, rows=8192) == 8192 * 128256 * 4 // 32 // (4 * 128256)  # 256 rows
     assert lce.default_chunk_size(1) == lce._CHUNK_BYTES // 4
     assert lce.default_chunk_size(10 ** 9) == 1

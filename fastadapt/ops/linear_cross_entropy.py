@@ -27,12 +27,13 @@ from fastadapt.ops._extension import has_ops, use_compiled
 from fastadapt.ops.losses import _as, _combine
 from fastadapt.ops.reference import _is_zero, _wide, linear_ce_row_losses
 
-# What the chunk buffers of the compiled op may hold when chunk_size is None: 32 MB, or 1/32 of the larger
+# What the chunk buffers of the compiled op may hold when chunk_size is None: 16 MB, or 1/32 of the larger
 # side's float32 logits when that is more (the issue's budget for the whole extra memory is 64 MB or 1/16
-# of one side's eager logits, whichever is larger; the GEMMs and the allocator take some of the rest).
-# Every chunk re-reads W twice and re-streams the float32 weight gradient once, so the largest chunk the
-# budget allows is the fastest: BENCHMARKS.md (issue 13) has the measurements behind this.
-_CHUNK_BYTES = 32 << 20
+# of one side's eager logits, whichever is larger). Every chunk re-reads W twice and re-streams the
+# float32 weight gradient once, so larger chunks are faster, but the step's peak grows by more than the
+# buffer (the BLAS's own workspace): 16 MB measured 37 MB extra in all, 24 MB and 32 MB 60-66 MB
+# (BENCHMARKS.md, issue 13).
+_CHUNK_BYTES = 16 << 20
 
 _LINEAR_CE = (torch.ops.fastadapt.alpha_weighted_linear_cross_entropy.default
               if has_ops() and hasattr(torch.ops.fastadapt, "_alpha_weighted_linear_cross_entropy_backward") else None)
