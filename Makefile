@@ -100,7 +100,7 @@ sanitize: $(SAN_DEPS)
 	# files deleted or moved in the source tree go from the copy too (the copy keeps mtimes of unchanged files)
 	cd $(SAN_SRC) && find csrc fastadapt tests docs -type f ! -name '_C*.so' ! -path '*__pycache__*' 2>/dev/null \
 		| while IFS= read -r f; do test -f "$(CURDIR)/$$f" || rm -f "$$f"; done
-	git ls-files -z --cached --others --exclude-standard -- csrc fastadapt tests docs setup.py pyproject.toml README.md \
+	git ls-files -z --cached --others --exclude-standard -- csrc fastadapt tests docs setup.py pyproject.toml README.md LICENSE \
 		| while IFS= read -r -d '' f; do test -f "$$f" || continue; cmp -s "$$f" "$(SAN_SRC)/$$f" \
 		|| { mkdir -p "$(SAN_SRC)/$$(dirname "$$f")" && cp "$$f" "$(SAN_SRC)/$$f"; }; done
 	cd $(SAN_SRC) && FASTADAPT_SANITIZE=1 FASTADAPT_CUDA=0 $(abspath $(PY)) setup.py -q build_ext --inplace
