@@ -211,3 +211,31 @@ def test_tokenizer_round_trips_and_corpus_is_packed():
             assert pad[:-1].sum() == 0  # only the last sequence is padded
     again = lm_data.build_corpus(seq_len=64, vocab_size=1024)
     assert torch.equal(again.splits["code"]["val"][0], corpus.splits["code"]["val"][0])
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_hf_model_loss_equals_the_fused_loss_on_its_last_hidden_state(arch):
+    """The groundwork for the HF integration: a tiny random HF causal LM's own `loss` (its
+    ForCausalLMLoss, float32 logits) equals causal_lm_loss on base_model's last hidden state through
+    output_head (GPT-2's head is tied to its token embedding)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(6)
+    if arch == "llama":
+        cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2)
+        model = transformers.LlamaForCausalLM(cfg)
+    else:
+        cfg = transformers.GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=4, n_positions=32,
+                                      bos_token_id=0, eos_token_id=0)
+        model = transformers.GPT2LMHeadModel(cfg)
+    model = model.double().eval()
+    ids, labels = _sequences(3, 16, 97, pad_from=9)
+    head = output_head(model)
+    assert head is model.get_output_embeddings()
+    hf = model(input_ids=ids, labels=labels).loss
+    hidden = model.base_model(input_ids=ids).last_hidden_state
+    ours = causal_lm_loss(hidden[:0], labels[:0], hidden, labels, head, 1.0)
+    torch.testing.assert_close(ours.float(), hf.float(), rtol=1e-6, atol=1e-6)
+    g_hf = torch.autograd.grad(hf, head.weight)[0]
+    g_ours = torch.autograd.grad(ours, head.weight)[0]
+    torch.testing.assert_close(g_ours, g_hf.to(g_ours.dtype), rtol=1e-5, atol=1e-7)
