@@ -239,3 +239,24 @@ def test_hf_model_loss_equals_the_fused_loss_on_its_last_hidden_state(arch):
     g_hf = torch.autograd.grad(hf, head.weight)[0]
     g_ours = torch.autograd.grad(ours, head.weight)[0]
     torch.testing.assert_close(g_ours, g_hf.to(g_ours.dtype), rtol=1e-5, atol=1e-7)
+
+
+def test_bf16_autocast_step_is_close_to_float32_and_returns_float32():
+    torch.manual_seed(7)
+    model = TinyCausalLM(64, d_model=32, n_layers=1, n_heads=2, max_len=16)
+    ids_s, ys = _sequences(2, 16, 64, pad_from=7)
+    ids_t, yt = _sequences(2, 16, 64)
+    batch = (torch.cat([ids_s, ids_t]), torch.cat([ys, yt]), 2)
+    fp32 = LMAdaptiveTrainer(model, alpha=0.5, device="cpu")
+    bf16 = LMAdaptiveTrainer(model, alpha=0.5, device="cpu", precision="bf16")
+    for t in (fp32, bf16):
+        t._set_alpha(0.5)
+    ref, _ = fp32.step(batch)
+    with bf16._autocast():
+        low, _ = bf16.step(batch)
+    assert low.dtype == torch.float32
+    assert abs(low.item() - ref.item()) < 0.02 * ref.item()
+    g_ref = torch.autograd.grad(ref, model.lm_head.weight)[0]
+    g_low = torch.autograd.grad(low, model.lm_head.weight)[0]
+    assert g_low.dtype == torch.float32
+    assert F.cosine_similarity(g_low.flatten(), g_ref.flatten(), dim=0) > 0.99
