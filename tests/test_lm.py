@@ -260,3 +260,24 @@ def test_bf16_autocast_step_is_close_to_float32_and_returns_float32():
     g_low = torch.autograd.grad(low, model.lm_head.weight)[0]
     assert g_low.dtype == torch.float32
     assert F.cosine_similarity(g_low.flatten(), g_ref.flatten(), dim=0) > 0.99
+
+
+def test_trainer_step_on_a_wrapped_hf_model_equals_the_hf_loss():
+    transformers = pytest.importorskip("transformers")
+    from fastadapt.training.lm import HiddenStates
+
+    torch.manual_seed(8)
+    cfg = transformers.GPT2Config(vocab_size=53, n_embd=32, n_layer=1, n_head=4, n_positions=16,
+                                  bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    hf = transformers.GPT2LMHeadModel(cfg).double()
+    wrapped = HiddenStates(hf)
+    assert output_head(wrapped) is hf.lm_head
+    ids_s, ys = _sequences(2, 16, 53, pad_from=11)
+    ids_t, yt = _sequences(3, 16, 53)
+    trainer = LMAdaptiveTrainer(wrapped, alpha=0.4, device="cpu")
+    trainer._set_alpha(0.4)
+    loss, _ = trainer.step((torch.cat([ids_s, ids_t]), torch.cat([ys, yt]), 2))
+    ref = 0.4 * hf(input_ids=ids_t, labels=yt).loss + 0.6 * hf(input_ids=ids_s, labels=ys).loss
+    torch.testing.assert_close(loss.float(), ref.float(), rtol=1e-6, atol=1e-6)
+    with pytest.raises(TypeError, match="wraps a Hugging Face causal LM"):
+        HiddenStates(torch.nn.Linear(2, 2))

@@ -131,6 +131,26 @@ class TinyCausalLM(nn.Module):
         return self.lm_head(self(ids))
 
 
+class HiddenStates(nn.Module):
+    """A Hugging Face causal LM (``XForCausalLM``) as the trainer wants it: ``forward(ids)`` returns its base
+    model's last hidden state (``model.base_model(input_ids=ids).last_hidden_state``; no logits are made)
+    and ``get_output_embeddings()`` its head. The HF model is a child, so its parameters (head included)
+    train and a DDP wrapper around this module syncs them all."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        if not callable(getattr(model, "get_output_embeddings", None)) or getattr(model, "base_model", None) is None:
+            raise TypeError(f"HiddenStates wraps a Hugging Face causal LM (with base_model and "
+                            f"get_output_embeddings), got {type(model).__name__}")
+        self.model = model
+
+    def forward(self, ids):
+        return self.model.base_model(input_ids=ids).last_hidden_state
+
+    def get_output_embeddings(self):
+        return self.model.get_output_embeddings()
+
+
 def _token_pairs(data, name):
     """``data`` as ``(ids, labels)`` int64 tensors ``(N, T)``: a pair or a TensorDataset of two."""
     if isinstance(data, TensorDataset) and len(data.tensors) == 2:
