@@ -281,3 +281,68 @@ def test_trainer_step_on_a_wrapped_hf_model_equals_the_hf_loss():
     torch.testing.assert_close(loss.float(), ref.float(), rtol=1e-6, atol=1e-6)
     with pytest.raises(TypeError, match="wraps a Hugging Face causal LM"):
         HiddenStates(torch.nn.Linear(2, 2))
+
+
+_DDP_WORKER = '''
+import os, sys, torch
+from fastadapt.training.lm import LMAdaptiveTrainer, TinyCausalLM
+
+def data(step, n=16, t=12, vocab=20):
+    ids = (torch.arange(n)[:, None] + step * torch.arange(t)[None]) % vocab
+    return ids, ids.clone()
+
+def run(batch_size):
+    torch.manual_seed(0)
+    model = TinyCausalLM(20, d_model=16, n_layers=1, n_heads=2, max_len=12)
+    sgd = lambda groups: torch.optim.SGD(groups)
+    tr = LMAdaptiveTrainer(model, alpha=0.5, optimizer=sgd, lr=0.5, batch_size=batch_size, seed=0, device="cpu",
+                           progress_bar=False)
+    h = tr.fit(data(3), data(1), epochs=3)
+    return {"state": {k: v.clone() for k, v in model.state_dict().items()}, "history": h.history,
+            "extra": h.extra, "rank": int(os.environ.get("RANK", "0"))}
+
+if __name__ == "__main__":
+    r = run(int(sys.argv[2]))
+    torch.save(r, os.path.join(sys.argv[1], f"result{r['rank']}.pt"))
+'''
+
+
+@pytest.mark.slow
+def test_lm_trainer_two_process_gloo_matches_single_process(tmp_path):
+    """Full batches without padding: two ranks' halves averaged by DDP equal one process's whole batch
+    (per-side token means over equal token counts); evaluation sums are reduced across ranks."""
+    import os
+    import subprocess
+    import sys
+
+    from test_distributed import ROOT, _free_port
+
+    script = tmp_path / "lm_worker.py"
+    script.write_text(_DDP_WORKER)
+    port = str(_free_port())
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "PYTHONPATH": ROOT, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+               "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank), "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, str(script), str(tmp_path), "8"], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    for p in procs:
+        out, _ = p.communicate(timeout=120)
+        assert p.returncode == 0, out.decode()[-3000:]
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import lm_worker
+        single = lm_worker.run(16)
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("lm_worker", None)
+    r0 = torch.load(tmp_path / "result0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "result1.pt", weights_only=True)
+    for k, v in single["state"].items():
+        assert torch.allclose(r0["state"][k], v, atol=1e-5), k
+        assert torch.equal(r0["state"][k], r1["state"][k]), k
+    for key, values in single["extra"].items():
+        assert r0["extra"][key] == pytest.approx(values, rel=1e-5), key
+        assert r0["extra"][key] == r1["extra"][key]
+    assert r0["history"]["loss"] == pytest.approx(single["history"]["loss"], rel=1e-5)
+    assert single["extra"]["target_loss_after"] < single["extra"]["target_loss_before"]
