@@ -346,3 +346,18 @@ def test_lm_trainer_two_process_gloo_matches_single_process(tmp_path):
         assert r0["extra"][key] == r1["extra"][key]
     assert r0["history"]["loss"] == pytest.approx(single["history"]["loss"], rel=1e-5)
     assert single["extra"]["target_loss_after"] < single["extra"]["target_loss_before"]
+
+
+def test_gradient_accumulation_equals_the_whole_batch_without_padding():
+    source, target = _two_domains(n=16)
+    states = []
+    for batch_size, accum in ((8, 1), (4, 2)):
+        torch.manual_seed(9)
+        model = TinyCausalLM(24, d_model=16, n_layers=1, n_heads=2, max_len=16)
+        tr = LMAdaptiveTrainer(model, alpha=0.5, optimizer=lambda g: torch.optim.SGD(g), lr=0.5, device="cpu",
+                               batch_size=batch_size, grad_accum_steps=accum, seed=0)
+        tr.fit(target, source, epochs=2)
+        assert tr.global_step == 4
+        states.append(model.state_dict())
+    for k, v in states[0].items():
+        torch.testing.assert_close(states[1][k], v, rtol=1e-5, atol=1e-6, msg=k)
