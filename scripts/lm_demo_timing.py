@@ -33,6 +33,7 @@ def main(argv=None):
     p.add_argument("--memory", type=int, default=None)
     p.add_argument("--precision", default="32")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -43,9 +44,9 @@ def main(argv=None):
     print(f"python {sys.version.split()[0]}, torch {torch.__version__}, threads {torch.get_num_threads()}")
     print(f"corpus {t_data:.1f}s: {a.source} train {tuple(S['train'][0].shape)} val {tuple(S['val'][0].shape)}; "
           f"{a.target} train {tuple(T['train'][0].shape)} val {tuple(T['val'][0].shape)}")
-    common = dict(device="cpu", batch_size=a.batch, seed=0, precision=a.precision, progress_bar=False,
+    common = dict(device="cpu", batch_size=a.batch, seed=a.seed, precision=a.precision, progress_bar=False,
                   scheduler="cosine", warmup_steps=10, max_grad_norm=1.0, weight_decay=0.01)
-    torch.manual_seed(0)
+    torch.manual_seed(a.seed)
     model = TinyCausalLM(corpus.vocab_size, a.d_model, a.layers, a.heads, a.seq_len)
     t0 = time.perf_counter()
     pre = LMAdaptiveTrainer(model, alpha=1.0, lr=a.lr, **common)
