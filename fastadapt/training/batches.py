@@ -60,7 +60,7 @@ def _buffers(owner, rows, sources):
     """One pair of (x, y) batch buffers per owner, made on first use."""
     if getattr(owner, "_buffers", None) is None:
         X, y = sources[0].X, sources[0].y
-        owner._buffers = (X.new_empty((rows, *X.shape[1:])), y.new_empty((rows,)))
+        owner._buffers = (X.new_empty((rows, *X.shape[1:])), y.new_empty((rows, *y.shape[1:])))
     return owner._buffers
 
 

@@ -18,6 +18,7 @@ class History:
         self.source_acc_after: float | None = None
         self.target_acc: float | None = None
         self.seconds: float = 0.0
+        self.extra: dict = {}  # a trainer's own summary fields (JSON values; the LM trainer's perplexities)
 
     def append(self, epoch: int, logs: dict):
         self.epoch.append(epoch)
@@ -40,10 +41,13 @@ class History:
         return self.source_acc_after - self.source_acc_before
 
     def to_dict(self) -> dict:
-        return {"epoch": list(self.epoch), "history": {k: list(v) for k, v in self.history.items()},
+        d = {"epoch": list(self.epoch), "history": {k: list(v) for k, v in self.history.items()},
                 "source_acc_before": self.source_acc_before, "source_acc_after": self.source_acc_after,
                 "forgetting": self.forgetting, "bwt": self.bwt, "target_acc": self.target_acc,
                 "seconds": self.seconds}
+        if self.extra:
+            d["extra"] = dict(self.extra)
+        return d
 
     def to_json(self, **kwargs) -> str:
         def clean(v):  # JSON has no NaN
@@ -60,6 +64,7 @@ class History:
         self.source_acc_after = d.get("source_acc_after")
         self.target_acc = d.get("target_acc")
         self.seconds = d.get("seconds", 0.0)
+        self.extra = dict(d.get("extra") or {})
 
     def __repr__(self):
         return f"History(epochs={len(self.epoch)}, metrics={sorted(self.history)})"
