@@ -17,7 +17,8 @@ all: test
 $(DEPS): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check torch numpy ninja pybind11 "setuptools>=77" wheel \
-		pytest pytest-benchmark hypothesis expecttest safetensors tqdm scikit-learn matplotlib psutil
+		pytest pytest-benchmark hypothesis expecttest safetensors tqdm scikit-learn matplotlib psutil \
+		tokenizers transformers
 	touch $@
 
 # The editable install is made once (FASTADAPT_BUILD_EXT=0: it only links the source tree into the
