@@ -14,6 +14,7 @@ import inspect
 import types
 
 from torch import nn
+from transformers.loss.loss_utils import ForCausalLMLoss
 
 from fastadapt.hf.head import FusedHead
 from fastadapt.ops._validate import check_chunk_size
@@ -35,6 +36,10 @@ def apply_fused_linear_cross_entropy(model: nn.Module, *, chunk_size: int | None
     if is_patched(model):
         return model
     head = FusedHead(model)
+    loss_function = getattr(model, "loss_function", ForCausalLMLoss)
+    if loss_function is not ForCausalLMLoss:
+        raise ValueError(f"{type(model).__name__}.loss_function is {getattr(loss_function, '__name__', loss_function)}"
+                         f", not ForCausalLMLoss: the fused forward computes the causal-LM cross-entropy only")
     check_chunk_size(chunk_size)
     sig = inspect.signature(model.forward)
     names = [p.name for p in sig.parameters.values()

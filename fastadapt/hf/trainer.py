@@ -161,9 +161,9 @@ class AdaptiveLMTrainer(transformers.Trainer):
         if source is None:
             h, out = self._forward(model, target)
             return (None, h), out
-        if source.keys() == target.keys() and all(
-                isinstance(v, torch.Tensor) and isinstance(target[k], torch.Tensor) and v.shape[1:] == target[k].shape[1:]
-                for k, v in source.items()):
+        stack = lambda k, v: (isinstance(v, torch.Tensor) and isinstance(target[k], torch.Tensor)  # noqa: E731
+                              and v.shape[1:] == target[k].shape[1:])
+        if source.keys() == target.keys() and all(stack(k, v) for k, v in source.items()):
             both = {k: torch.cat([v, target[k]]) for k, v in source.items()}
             h, out = self._forward(model, both)
             ns = len(source["labels"])
