@@ -393,3 +393,68 @@ def test_lm_trainer_step_on_a_wrapped_hf_model_equals_the_hf_loss():
     torch.testing.assert_close(loss.float(), ref.float(), rtol=1e-6, atol=1e-6)
     with pytest.raises(TypeError, match="wraps a Hugging Face causal LM"):
         HiddenStates(torch.nn.Linear(2, 2))
+
+
+_DDP_WORKER = '''
+import os, sys, torch, transformers
+from test_hf import _examples, _llama
+from fastadapt.hf import AdaptiveLMTrainer
+
+def run(out_dir, batch_size, replay_batch_size):
+    ddp = {"ddp_backend": "gloo"} if "WORLD_SIZE" in os.environ else {}
+    args = transformers.TrainingArguments(
+        output_dir=out_dir, use_cpu=True, report_to=[], per_device_train_batch_size=batch_size, learning_rate=1e-2,
+        max_grad_norm=0.0, save_strategy="no", logging_steps=1, seed=0, disable_tqdm=True, optim="sgd",
+        lr_scheduler_type="constant", max_steps=2, **ddp)
+    target, source = _examples(16, 10, seed=17), _examples(12, 10, seed=18)
+    tr = AdaptiveLMTrainer(_llama(), args, train_dataset=target, source_dataset=source,
+                           replay_batch_size=replay_batch_size)
+    tr.train()
+    return {"state": {k: v.detach().clone() for k, v in tr.model.state_dict().items()},
+            "logs": [[h[k] for k in ("loss", "source_loss", "target_loss")] for h in tr.state.log_history
+                     if "alpha" in h],
+            "rank": tr.args.process_index}
+
+if __name__ == "__main__":
+    r = run(sys.argv[1], 4, 3)
+    torch.save(r, os.path.join(sys.argv[1], f"result{r['rank']}.pt"))
+'''
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_equal_one_process_with_the_whole_batch(tmp_path):
+    """2 ranks x (batch 4 + replay 3) == 1 process x (batch 8 + replay 6), with uneven padding: token counts
+    are global (average_tokens_across_devices), the loss is scaled by the world size that DDP averages
+    over, and rank r replays the stream's batches r, r + 2, ... (together the single process's)."""
+    import os
+    import subprocess
+
+    pytest.importorskip("accelerate")
+    from test_distributed import ROOT, _free_port
+
+    (tmp_path / "hf_worker.py").write_text(_DDP_WORKER)
+    port = str(_free_port())
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, tests_dir]), "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": port, "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank),
+               "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, str(tmp_path / "hf_worker.py"), str(tmp_path)], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    for p in procs:
+        out, _ = p.communicate(timeout=180)
+        assert p.returncode == 0, out.decode()[-3000:]
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import hf_worker
+        single = hf_worker.run(str(tmp_path / "single"), 8, 6)
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("hf_worker", None)
+    r0, r1 = (torch.load(tmp_path / f"result{r}.pt", weights_only=True) for r in range(2))
+    for k, v in single["state"].items():
+        torch.testing.assert_close(r0["state"][k], v, rtol=1e-6, atol=1e-7, msg=k)
+        assert torch.equal(r0["state"][k], r1["state"][k]), k
+    for logs in (r0["logs"], r1["logs"]):  # the per-side logs are reduced over the ranks
+        assert sum(logs, []) == pytest.approx(sum(single["logs"], []), rel=1e-6)
