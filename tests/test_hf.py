@@ -204,6 +204,26 @@ def test_patch_is_idempotent_reversible_and_follows_deepcopy():
     assert revert_fused_linear_cross_entropy(model) is model
 
 
+def test_patched_model_in_a_plain_trainer_trains_as_the_unpatched_one(tmp_path):
+    """The one-line use: HF's own Trainer with gradient accumulation (it passes num_items_in_batch to the
+    forward) ends with the unpatched model's weights."""
+    pytest.importorskip("accelerate")
+    data = _examples(8, 10, seed=9)
+    weights = []
+    for patch in (False, True):
+        model = _llama()
+        if patch:
+            apply_fused_linear_cross_entropy(model)
+        args = transformers.TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], max_steps=2,
+                                              per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                                              optim="sgd", learning_rate=1e-2, seed=0, disable_tqdm=True,
+                                              save_strategy="no")
+        transformers.Trainer(model, args, train_dataset=data).train()
+        weights.append([p.detach().clone() for p in model.parameters()])
+    for (name, _), a, b in zip(_llama().named_parameters(), *weights):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7, msg=name)
+
+
 def test_missing_transformers_names_the_extra(monkeypatch):
     for name in [m for m in sys.modules if m == "fastadapt.hf" or m.startswith("fastadapt.hf.")]:
         monkeypatch.delitem(sys.modules, name)
@@ -233,21 +253,20 @@ class _FirstGradients(transformers.TrainerCallback):
             self.grads = [p.grad.clone() for p in self.model.parameters()]
 
 
-def _stack(examples, idx):
-    return {k: torch.stack([examples[i][k] for i in idx]) for k in examples[0]}
-
-
-@pytest.mark.parametrize("arch", list(MODELS))
-def test_first_step_equals_alpha_mix_of_hf_losses_computed_by_hand(arch, tmp_path):
-    model = MODELS[arch]()
+def _check_first_step(model, target, source, tmp_path, collate=None):
+    """Runs one optimizer step (alpha 0.3, the whole target set as the batch, 3 replayed examples) and
+    checks its logs and gradients against HF's own losses of the same batches computed by hand (the
+    target's order in the batch does not change a mean); returns the number of forward passes."""
+    collate = collate or (lambda examples: {k: torch.stack([x[k] for x in examples]) for k in examples[0]})
     initial = copy.deepcopy(model)
-    target, source = _examples(4, 12, seed=10), _examples(7, 12, seed=11)
     grads = _FirstGradients(model)
-    trainer = AdaptiveLMTrainer(model, _args(tmp_path, max_steps=1), train_dataset=target, source_dataset=source,
-                                alpha=0.3, replay_batch_size=3, callbacks=[grads])
+    trainer = AdaptiveLMTrainer(model, _args(tmp_path, max_steps=1, per_device_train_batch_size=len(target)),
+                                train_dataset=target, source_dataset=source, alpha=0.3, replay_batch_size=3,
+                                data_collator=collate, callbacks=[grads])
+    passes = []
+    model.register_forward_hook(lambda m, args, out: passes.append(1))
     trainer.train()
-    # by hand: the whole target set is the first batch (its order does not change a mean); the replayed rows
-    t, s = _stack(target, range(4)), _stack(source, trainer.replay_indices(0))
+    t, s = collate(target), collate([source[i] for i in trainer.replay_indices(0)])
     lt, ls = initial(**t).loss, initial(**s).loss
     ref = 0.3 * lt + 0.7 * ls
     log = trainer.state.log_history[0]
@@ -257,6 +276,35 @@ def test_first_step_equals_alpha_mix_of_hf_losses_computed_by_hand(arch, tmp_pat
     assert log["source_perplexity"] == pytest.approx(math.exp(ls.item()), rel=1e-6) and log["alpha"] == 0.3
     for (name, _), g, g_ref in zip(initial.named_parameters(), grads.grads, _grads(ref, initial)):
         torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-7, msg=name)
+    return len(passes)
+
+
+@pytest.mark.parametrize("arch, source_len", [("llama", 12), ("gpt2", 12), ("llama", 8)])
+def test_first_step_equals_alpha_mix_of_hf_losses_computed_by_hand(arch, source_len, tmp_path):
+    """Source sequences as long as the target's go through the model with them in one forward pass;
+    shorter ones (llama, 8) in a pass of their own."""
+    passes = _check_first_step(MODELS[arch](), _examples(4, 12, seed=10), _examples(7, source_len, seed=11), tmp_path)
+    assert passes == (1 if source_len == 12 else 2)
+
+
+def test_first_step_with_a_tokenizer_and_a_padding_collator(tmp_path):
+    """Texts of different lengths, padded per batch by DataCollatorForLanguageModeling (labels -100 at
+    the padding), as in the usage example: still HF's own losses, mixed."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["<pad>", "<unk>"] + [f"w{i}" for i in range(VOCAB - 2)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>")
+    g = torch.Generator().manual_seed(25)
+
+    def text():
+        length = int(torch.randint(3, 14, (1,), generator=g))
+        return " ".join(f"w{int(i)}" for i in torch.randint(0, VOCAB - 2, (length,), generator=g))
+    target = [tokenizer(text()) for _ in range(4)]
+    source = [tokenizer(text()) for _ in range(7)]
+    collate = transformers.DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    _check_first_step(_llama(), target, source, tmp_path, collate=collate)
 
 
 def test_alpha_schedule_is_evaluated_every_optimizer_step(tmp_path):
@@ -353,6 +401,10 @@ def test_bad_trainer_inputs_are_refused_before_training(tmp_path):
         AdaptiveLMTrainer(_llama().model, args, train_dataset=data, source_dataset=data)
     with pytest.raises(ValueError, match=r"source_dataset holds no examples"):
         AdaptiveLMTrainer(_llama(), args, train_dataset=data, source_dataset=[])
+    with pytest.raises(ValueError, match=r"compute_loss_func would be ignored"):
+        AdaptiveLMTrainer(_llama(), args, train_dataset=data, alpha=1.0, compute_loss_func=lambda *a, **k: 0)
+    with pytest.raises(ValueError, match=r"args.label_smoothing_factor=0.1 is not supported"):
+        AdaptiveLMTrainer(_llama(), _args(tmp_path, label_smoothing_factor=0.1), train_dataset=data, alpha=1.0)
     no_labels = [{"input_ids": x["input_ids"]} for x in data]
     with pytest.raises(ValueError, match=r"a batch of train_dataset has no 'labels'"):
         AdaptiveLMTrainer(_llama(), args, train_dataset=no_labels, alpha=1.0).train()

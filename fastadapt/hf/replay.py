@@ -24,7 +24,7 @@ class ReplayStream:
 
     def _pass(self, e: int) -> torch.Tensor:
         if e not in self._passes:
-            if len(self._passes) >= 2:  # a batch spans at most two passes: keep the latest two
+            if len(self._passes) >= 2:  # a batch of at most n examples spans at most two passes
                 self._passes.pop(min(self._passes))
             g = torch.Generator().manual_seed((self.seed * 1_000_003 + e) % _MODULUS)
             self._passes[e] = torch.randperm(self.n, generator=g)

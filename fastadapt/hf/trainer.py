@@ -9,8 +9,9 @@ shift) in the whole optimizer step: the step's loss is ``alpha * S_t / N_t + (1 
 ``num_items_in_batch``). Every micro-batch contributes its sums over the step's counts, so the
 accumulated gradient is that of the step's loss however the tokens fall into micro-batches (the
 Trainer's own fix for gradient accumulation, on both sides); the loss is returned already scaled for
-accumulation (``loss_is_scaled_for_ga = True``). Positions whose ``attention_mask`` is 0 are ignored
-(labels set to -100) whether or not the collator did it.
+accumulation (``loss_is_scaled_for_ga = True``). A side with no predicted token in the step adds 0.
+Positions whose ``attention_mask`` is 0 are ignored (labels set to -100) whether or not the collator
+did it.
 
 Replay. Micro-batch ``i`` of optimizer step ``s`` on process ``r`` of ``w`` replays batch
 ``(s * gradient_accumulation_steps + i) * w + r`` of a :class:`~fastadapt.hf.replay.ReplayStream`
@@ -70,6 +71,12 @@ class AdaptiveLMTrainer(transformers.Trainer):
             positive_int("replay_batch_size", replay_batch_size)
         if model is None:
             raise ValueError("AdaptiveLMTrainer needs a model (model_init is not supported)")
+        if trainer_kwargs.get("compute_loss_func") is not None:
+            raise ValueError("AdaptiveLMTrainer computes its own loss (alpha-weighted replay): compute_loss_func "
+                             "would be ignored; subclass it and override compute_loss instead")
+        if args is not None and args.label_smoothing_factor:
+            raise ValueError(f"args.label_smoothing_factor={args.label_smoothing_factor} is not supported by "
+                             f"AdaptiveLMTrainer (its loss is the plain token cross-entropy)")
         self.head = FusedHead(model)
         self.alpha = alpha
         super().__init__(model=model, args=args, **trainer_kwargs)
