@@ -1,6 +1,7 @@
 """fastadapt.hf (issue 14): the fused-loss forward patch and AdaptiveLMTrainer against Hugging Face's own
 loss and gradients, on tiny random Llama / GPT-2 models (no downloads)."""
 import copy
+import io
 import math
 import sys
 
@@ -187,7 +188,7 @@ def test_models_it_cannot_reproduce_are_refused_by_name():
         scaled(**_batch(2, 8, seed=7))
 
 
-def test_patch_is_idempotent_reversible_and_follows_deepcopy():
+def test_patch_is_idempotent_reversible_and_follows_deepcopy_and_pickle():
     model = _llama()
     patched = apply_fused_linear_cross_entropy(model)
     forward = model.forward
@@ -199,6 +200,12 @@ def test_patch_is_idempotent_reversible_and_follows_deepcopy():
     assert twin(**batch).loss.item() != pytest.approx(model(**batch).loss.item())
     (g,) = torch.autograd.grad(twin(**batch).loss, twin.lm_head.weight)
     assert g.abs().sum() > 0
+    buffer = io.BytesIO()  # so does pickling the whole model
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    out = loaded(**batch)
+    assert out.logits is None and torch.equal(out.loss, model(**batch).loss)
     revert_fused_linear_cross_entropy(model)
     assert "forward" not in model.__dict__ and model(**batch).logits.shape == (2, 8, VOCAB)
     assert revert_fused_linear_cross_entropy(model) is model

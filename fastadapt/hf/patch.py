@@ -10,8 +10,8 @@ change their logits in ways the op cannot reproduce are refused (see ``head.py``
 """
 from __future__ import annotations
 
+import functools
 import inspect
-import types
 
 from torch import nn
 from transformers.loss.loss_utils import ForCausalLMLoss
@@ -20,8 +20,7 @@ from fastadapt.hf.head import FusedHead
 from fastadapt.ops._validate import check_chunk_size
 from fastadapt.training.lm import IGNORE_INDEX, shift_labels
 
-_HEAD = "_fastadapt_fused_head"
-_ORIGINAL = "_fastadapt_original_forward"
+_PATCH = "_fastadapt_fused_linear_cross_entropy"
 
 
 def apply_fused_linear_cross_entropy(model: nn.Module, *, chunk_size: int | None = None) -> nn.Module:
@@ -44,18 +43,12 @@ def apply_fused_linear_cross_entropy(model: nn.Module, *, chunk_size: int | None
     sig = inspect.signature(model.forward)
     names = [p.name for p in sig.parameters.values()
              if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
-    had_own = "forward" in model.__dict__
-
-    def forward(self, *args, **kwargs):
-        return _fused_forward(self, names, chunk_size, args, kwargs)
-
-    # the original signature, so that the Trainer sees the same forward arguments (and loss kwargs)
-    forward.__signature__ = sig.replace(parameters=[inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY),
-                                                    *sig.parameters.values()])
-    # bound to the model and kept on it (not in a closure), so that copy.deepcopy rebinds all three to the copy
-    model.__dict__[_ORIGINAL] = (model.forward, had_own)
-    model.__dict__[_HEAD] = head
-    model.forward = types.MethodType(forward, model)
+    # everything lives on the model, the forward included (a partial of a module-level function, not a
+    # closure): copy.deepcopy and pickle then carry the patch to the copy, bound to the copy
+    model.__dict__[_PATCH] = _Patch(head, names, chunk_size, model.__dict__.get("forward"))
+    forward = functools.partial(_fused_forward, model)
+    forward.__signature__ = sig  # the original's: the Trainer reads the forward's arguments and loss kwargs
+    model.forward = forward
     return model
 
 
@@ -64,21 +57,28 @@ def revert_fused_linear_cross_entropy(model: nn.Module) -> nn.Module:
     patched is returned as it is)."""
     if not is_patched(model):
         return model
-    original, had_own = model.__dict__.pop(_ORIGINAL)
-    del model.__dict__[_HEAD]
-    if had_own:
-        model.forward = original
+    own = model.__dict__.pop(_PATCH).own_forward
+    if own is not None:
+        model.forward = own
     else:
         del model.forward
     return model
 
 
+class _Patch:
+    def __init__(self, head, names, chunk_size, own_forward):
+        self.head, self.names, self.chunk_size = head, names, chunk_size
+        self.own_forward = own_forward  # a forward the instance had of its own, else None (the class's)
+
+
 def is_patched(model: nn.Module) -> bool:
-    return _HEAD in model.__dict__
+    return _PATCH in model.__dict__
 
 
-def _fused_forward(model, names, chunk_size, args, kwargs):
-    original, _ = model.__dict__[_ORIGINAL]
+def _fused_forward(model, *args, **kwargs):
+    patch: _Patch = model.__dict__[_PATCH]
+    original = patch.own_forward or functools.partial(type(model).forward, model)
+    names = patch.names
     positional = dict(zip(names, args))
     labels = kwargs.get("labels", positional.get("labels"))
     shifted = kwargs.get("shift_labels")
@@ -95,16 +95,16 @@ def _fused_forward(model, names, chunk_size, args, kwargs):
     num_items = kwargs.pop("num_items_in_batch", None)
     ignore_index = kwargs.pop("ignore_index", IGNORE_INDEX)
     return_dict = kwargs.pop("return_dict", None)
-    head: FusedHead = model.__dict__[_HEAD]
+    head = patch.head
     with head.capture() as calls:
         out = original(**kwargs, return_dict=True)
     hidden = head.hidden_of(calls, out)
     if shifted is None:  # as ForCausalLMLoss: shift_labels, when given, are used as they are
         shifted = shift_labels(labels, ignore_index)
     if num_items is None:
-        loss = head.loss(hidden, shifted, ignore_index=ignore_index, chunk_size=chunk_size)
+        loss = head.loss(hidden, shifted, ignore_index=ignore_index, chunk_size=patch.chunk_size)
     else:
-        loss = head.loss(hidden, shifted, reduction="sum", ignore_index=ignore_index, chunk_size=chunk_size)
+        loss = head.loss(hidden, shifted, reduction="sum", ignore_index=ignore_index, chunk_size=patch.chunk_size)
         loss = loss / (num_items.to(loss.device) if hasattr(num_items, "to") else num_items)
     out = type(out)(**{k: v for k, v in out.items() if k not in ("loss", "logits")}, loss=loss)
     if return_dict is None:
