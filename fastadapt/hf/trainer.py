@@ -163,14 +163,12 @@ class AdaptiveLMTrainer(transformers.Trainer):
         return (loss, out) if return_outputs else loss
 
     def _hidden_states(self, model, source, target):
-        """((source hidden or None, target hidden), target output): one forward over both batches when
-        their tensors stack, else one each."""
+        """((source hidden or None, target hidden), the output of the forward that saw the target): one
+        forward over both batches when their tensors stack, else one each."""
         if source is None:
             h, out = self._forward(model, target)
             return (None, h), out
-        stack = lambda k, v: (isinstance(v, torch.Tensor) and isinstance(target[k], torch.Tensor)  # noqa: E731
-                              and v.shape[1:] == target[k].shape[1:])
-        if source.keys() == target.keys() and all(stack(k, v) for k, v in source.items()):
+        if _stackable(source, target):
             both = {k: torch.cat([v, target[k]]) for k, v in source.items()}
             h, out = self._forward(model, both)
             ns = len(source["labels"])
@@ -224,6 +222,13 @@ def _masked(batch, name):
     if not isinstance(mask, torch.Tensor) or mask.shape != labels.shape:
         return batch
     return {**batch, "labels": labels.masked_fill(mask == 0, IGNORE_INDEX)}
+
+
+def _stackable(source, target) -> bool:
+    """Whether the two batches hold the same keys, all tensors of the same shape but for their rows."""
+    return source.keys() == target.keys() and all(
+        isinstance(v, torch.Tensor) and isinstance(target[k], torch.Tensor) and v.shape[1:] == target[k].shape[1:]
+        for k, v in source.items())
 
 
 def _tokens(batch) -> torch.Tensor:
