@@ -1,5 +1,5 @@
 """Issue 14 groundwork: the causal-LM loss on the fused linear cross-entropy (shifted labels, padding),
-the small transformer, LMAdaptiveTrainer, and the stdlib text domains of demo-lm."""
+the small transformer, LMAdaptiveTrainer, and the stdlib text domains of demo-lm (on Hugging Face models: test_hf.py)."""
 import math
 
 import pytest
@@ -213,34 +213,6 @@ def test_tokenizer_round_trips_and_corpus_is_packed():
     assert torch.equal(again.splits["code"]["val"][0], corpus.splits["code"]["val"][0])
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_hf_model_loss_equals_the_fused_loss_on_its_last_hidden_state(arch):
-    """The groundwork for the HF integration: a tiny random HF causal LM's own `loss` (its
-    ForCausalLMLoss, float32 logits) equals causal_lm_loss on base_model's last hidden state through
-    output_head (GPT-2's head is tied to its token embedding)."""
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(6)
-    if arch == "llama":
-        cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                       num_attention_heads=4, num_key_value_heads=2)
-        model = transformers.LlamaForCausalLM(cfg)
-    else:
-        cfg = transformers.GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=4, n_positions=32,
-                                      bos_token_id=0, eos_token_id=0)
-        model = transformers.GPT2LMHeadModel(cfg)
-    model = model.double().eval()
-    ids, labels = _sequences(3, 16, 97, pad_from=9)
-    head = output_head(model)
-    assert head is model.get_output_embeddings()
-    hf = model(input_ids=ids, labels=labels).loss
-    hidden = model.base_model(input_ids=ids).last_hidden_state
-    ours = causal_lm_loss(hidden[:0], labels[:0], hidden, labels, head, 1.0)
-    torch.testing.assert_close(ours.float(), hf.float(), rtol=1e-6, atol=1e-6)
-    g_hf = torch.autograd.grad(hf, head.weight)[0]
-    g_ours = torch.autograd.grad(ours, head.weight)[0]
-    torch.testing.assert_close(g_ours, g_hf.to(g_ours.dtype), rtol=1e-5, atol=1e-7)
-
-
 def test_bf16_autocast_step_is_close_to_float32_and_returns_float32():
     torch.manual_seed(7)
     model = TinyCausalLM(64, d_model=32, n_layers=1, n_heads=2, max_len=16)
@@ -260,27 +232,6 @@ def test_bf16_autocast_step_is_close_to_float32_and_returns_float32():
     g_low = torch.autograd.grad(low, model.lm_head.weight)[0]
     assert g_low.dtype == torch.float32
     assert F.cosine_similarity(g_low.flatten(), g_ref.flatten(), dim=0) > 0.99
-
-
-def test_trainer_step_on_a_wrapped_hf_model_equals_the_hf_loss():
-    transformers = pytest.importorskip("transformers")
-    from fastadapt.training.lm import HiddenStates
-
-    torch.manual_seed(8)
-    cfg = transformers.GPT2Config(vocab_size=53, n_embd=32, n_layer=1, n_head=4, n_positions=16,
-                                  bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    hf = transformers.GPT2LMHeadModel(cfg).double()
-    wrapped = HiddenStates(hf)
-    assert output_head(wrapped) is hf.lm_head
-    ids_s, ys = _sequences(2, 16, 53, pad_from=11)
-    ids_t, yt = _sequences(3, 16, 53)
-    trainer = LMAdaptiveTrainer(wrapped, alpha=0.4, device="cpu")
-    trainer._set_alpha(0.4)
-    loss, _ = trainer.step((torch.cat([ids_s, ids_t]), torch.cat([ys, yt]), 2))
-    ref = 0.4 * hf(input_ids=ids_t, labels=yt).loss + 0.6 * hf(input_ids=ids_s, labels=ys).loss
-    torch.testing.assert_close(loss.float(), ref.float(), rtol=1e-6, atol=1e-6)
-    with pytest.raises(TypeError, match="wraps a Hugging Face causal LM"):
-        HiddenStates(torch.nn.Linear(2, 2))
 
 
 _DDP_WORKER = '''
