@@ -18,7 +18,7 @@ $(DEPS): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check torch numpy ninja pybind11 "setuptools>=77" wheel \
 		pytest pytest-benchmark hypothesis expecttest safetensors tqdm scikit-learn matplotlib psutil \
-		tokenizers transformers
+		tokenizers transformers accelerate
 	touch $@
 
 # The editable install is made once (FASTADAPT_BUILD_EXT=0: it only links the source tree into the

@@ -1,4 +1,4 @@
-"""fastadapt.hf (issue 14): the fused-loss forward patch and AdaptiveLMTrainer against Hugging Face's own
+"""fastadapt.hf (issue 14): the fused-loss forward patch and HFAdaptiveTrainer against Hugging Face's own
 loss and gradients, on tiny random Llama / GPT-2 models (no downloads)."""
 import copy
 import io
@@ -10,7 +10,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from fastadapt.hf import (AdaptiveLMTrainer, apply_fused_linear_cross_entropy,  # noqa: E402
+from fastadapt.hf import (HFAdaptiveTrainer, apply_fused_linear_cross_entropy,  # noqa: E402
                           revert_fused_linear_cross_entropy)
 from fastadapt.training.lm import HiddenStates, LMAdaptiveTrainer, causal_lm_loss, output_head  # noqa: E402
 
@@ -239,7 +239,7 @@ def test_missing_transformers_names_the_extra(monkeypatch):
         import fastadapt.hf  # noqa: F401
 
 
-# ---- AdaptiveLMTrainer ----
+# ---- HFAdaptiveTrainer ----
 
 def _args(tmp_path, **kw):
     pytest.importorskip("accelerate")  # the Trainer's own requirement
@@ -267,7 +267,7 @@ def _check_first_step(model, target, source, tmp_path, collate=None):
     collate = collate or (lambda examples: {k: torch.stack([x[k] for x in examples]) for k in examples[0]})
     initial = copy.deepcopy(model)
     grads = _FirstGradients(model)
-    trainer = AdaptiveLMTrainer(model, _args(tmp_path, max_steps=1, per_device_train_batch_size=len(target)),
+    trainer = HFAdaptiveTrainer(model, _args(tmp_path, max_steps=1, per_device_train_batch_size=len(target)),
                                 train_dataset=target, source_dataset=source, alpha=0.3, replay_batch_size=3,
                                 data_collator=collate, callbacks=[grads])
     passes = []
@@ -316,7 +316,7 @@ def test_first_step_with_a_tokenizer_and_a_padding_collator(tmp_path):
 
 def test_alpha_schedule_is_evaluated_every_optimizer_step(tmp_path):
     target, source = _examples(8, 10, seed=12), _examples(8, 10, seed=13)
-    trainer = AdaptiveLMTrainer(_llama(), _args(tmp_path, max_steps=3), train_dataset=target, source_dataset=source,
+    trainer = HFAdaptiveTrainer(_llama(), _args(tmp_path, max_steps=3), train_dataset=target, source_dataset=source,
                                 alpha=lambda step: 1.0 - 0.25 * step)
     trainer.train()
     logs = [h for h in trainer.state.log_history if "alpha" in h]
@@ -324,7 +324,7 @@ def test_alpha_schedule_is_evaluated_every_optimizer_step(tmp_path):
     # alpha=1: the source is measured (logged) but weighs nothing
     assert logs[0]["loss"] == pytest.approx(logs[0]["target_loss"], rel=1e-6) and "source_loss" in logs[0]
     assert logs[1]["loss"] == pytest.approx(0.75 * logs[1]["target_loss"] + 0.25 * logs[1]["source_loss"], rel=1e-6)
-    bad = AdaptiveLMTrainer(_llama(), _args(tmp_path, max_steps=3), train_dataset=target, source_dataset=source,
+    bad = HFAdaptiveTrainer(_llama(), _args(tmp_path, max_steps=3), train_dataset=target, source_dataset=source,
                             alpha=lambda step: 1.0 - 0.75 * step)
     with pytest.raises(ValueError, match=r"alpha must lie in \[0, 1\], got -0.5 \(alpha\(2\) of the alpha schedule\)"):
         bad.train()
@@ -332,7 +332,7 @@ def test_alpha_schedule_is_evaluated_every_optimizer_step(tmp_path):
 
 def test_replay_batches_are_a_function_of_seed_and_step(tmp_path):
     source = _examples(10, 6, seed=14)
-    make = lambda seed, **kw: AdaptiveLMTrainer(  # noqa: E731
+    make = lambda seed, **kw: HFAdaptiveTrainer(  # noqa: E731
         _llama(), _args(tmp_path, seed=seed, **kw), train_dataset=source, source_dataset=source, replay_batch_size=4)
     a, b, c = make(0), make(0), make(1)
     steps = [a.replay_indices(s) for s in range(5)]
@@ -346,7 +346,7 @@ def test_replay_batches_are_a_function_of_seed_and_step(tmp_path):
 
 
 def _run(tmp_path, model, target, source, resume=None, **kw):
-    trainer = AdaptiveLMTrainer(model, _args(tmp_path, **kw), train_dataset=target, source_dataset=source,
+    trainer = HFAdaptiveTrainer(model, _args(tmp_path, **kw), train_dataset=target, source_dataset=source,
                                 alpha=0.5, replay_batch_size=3)
     trainer.train(resume_from_checkpoint=resume)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -368,9 +368,9 @@ def test_gradient_accumulation_equals_the_whole_batch_with_uneven_padding(tmp_pa
     """Batch 4 x 2 accumulated == batch 8 (and replay 3 x 2 == 6): each side is a mean over the step's
     tokens, not a mean of micro-batch means (the padding makes the two differ)."""
     target, source = _examples(16, 10, seed=17), _examples(12, 10, seed=18)
-    acc = AdaptiveLMTrainer(_llama(), _args(tmp_path, max_steps=2, gradient_accumulation_steps=2),
+    acc = HFAdaptiveTrainer(_llama(), _args(tmp_path, max_steps=2, gradient_accumulation_steps=2),
                             train_dataset=target, source_dataset=source, replay_batch_size=3)
-    whole = AdaptiveLMTrainer(_llama(), _args(tmp_path, max_steps=2, per_device_train_batch_size=8),
+    whole = HFAdaptiveTrainer(_llama(), _args(tmp_path, max_steps=2, per_device_train_batch_size=8),
                               train_dataset=target, source_dataset=source, replay_batch_size=6)
     for t in (acc, whole):
         t.train()
@@ -384,7 +384,7 @@ def test_gradient_accumulation_equals_the_whole_batch_with_uneven_padding(tmp_pa
 def test_evaluation_on_a_dict_equals_the_plain_trainer(tmp_path):
     model = _llama()
     sets = {"source": _examples(6, 10, seed=19), "target": _examples(5, 10, seed=20)}
-    ours = AdaptiveLMTrainer(model, _args(tmp_path, per_device_eval_batch_size=2), train_dataset=sets["target"],
+    ours = HFAdaptiveTrainer(model, _args(tmp_path, per_device_eval_batch_size=2), train_dataset=sets["target"],
                              source_dataset=sets["source"], eval_dataset=sets).evaluate()
     plain = transformers.Trainer(model, _args(tmp_path, per_device_eval_batch_size=2), eval_dataset=sets).evaluate()
     for side in sets:
@@ -396,27 +396,27 @@ def test_bad_trainer_inputs_are_refused_before_training(tmp_path):
     data = _examples(4, 8, seed=21)
     args = _args(tmp_path, max_steps=1)
     with pytest.raises(ValueError, match=r"alpha=0.5 weighs replayed source sequences: pass source_dataset"):
-        AdaptiveLMTrainer(_llama(), args, train_dataset=data)
+        HFAdaptiveTrainer(_llama(), args, train_dataset=data)
     with pytest.raises(ValueError, match=r"weighs replayed source sequences"):
-        AdaptiveLMTrainer(_llama(), args, train_dataset=data, alpha=lambda s: 1.0)
+        HFAdaptiveTrainer(_llama(), args, train_dataset=data, alpha=lambda s: 1.0)
     for alpha in (1.5, -0.1, float("nan")):
         with pytest.raises(ValueError, match=r"alpha must lie in \[0, 1\], got"):
-            AdaptiveLMTrainer(_llama(), args, train_dataset=data, source_dataset=data, alpha=alpha)
+            HFAdaptiveTrainer(_llama(), args, train_dataset=data, source_dataset=data, alpha=alpha)
     with pytest.raises(ValueError, match=r"replay_batch_size must be a positive int, got 0"):
-        AdaptiveLMTrainer(_llama(), args, train_dataset=data, source_dataset=data, replay_batch_size=0)
+        HFAdaptiveTrainer(_llama(), args, train_dataset=data, source_dataset=data, replay_batch_size=0)
     with pytest.raises(ValueError, match=r"model \(LlamaModel\) declares no output head"):
-        AdaptiveLMTrainer(_llama().model, args, train_dataset=data, source_dataset=data)
+        HFAdaptiveTrainer(_llama().model, args, train_dataset=data, source_dataset=data)
     with pytest.raises(ValueError, match=r"source_dataset holds no examples"):
-        AdaptiveLMTrainer(_llama(), args, train_dataset=data, source_dataset=[])
+        HFAdaptiveTrainer(_llama(), args, train_dataset=data, source_dataset=[])
     with pytest.raises(ValueError, match=r"compute_loss_func would be ignored"):
-        AdaptiveLMTrainer(_llama(), args, train_dataset=data, alpha=1.0, compute_loss_func=lambda *a, **k: 0)
+        HFAdaptiveTrainer(_llama(), args, train_dataset=data, alpha=1.0, compute_loss_func=lambda *a, **k: 0)
     with pytest.raises(ValueError, match=r"args.label_smoothing_factor=0.1 is not supported"):
-        AdaptiveLMTrainer(_llama(), _args(tmp_path, label_smoothing_factor=0.1), train_dataset=data, alpha=1.0)
+        HFAdaptiveTrainer(_llama(), _args(tmp_path, label_smoothing_factor=0.1), train_dataset=data, alpha=1.0)
     no_labels = [{"input_ids": x["input_ids"]} for x in data]
     with pytest.raises(ValueError, match=r"a batch of train_dataset has no 'labels'"):
-        AdaptiveLMTrainer(_llama(), args, train_dataset=no_labels, alpha=1.0).train()
+        HFAdaptiveTrainer(_llama(), args, train_dataset=no_labels, alpha=1.0).train()
     # alpha=1 is plain fine-tuning: no source needed
-    AdaptiveLMTrainer(_llama(), args, train_dataset=data, alpha=1.0).train()
+    HFAdaptiveTrainer(_llama(), args, train_dataset=data, alpha=1.0).train()
 
 
 # ---- fastadapt.training.lm on Hugging Face models (issue 14 groundwork, moved from test_lm.py) ----
@@ -457,7 +457,7 @@ def test_lm_trainer_step_on_a_wrapped_hf_model_equals_the_hf_loss():
 _DDP_WORKER = '''
 import os, sys, torch, transformers
 from test_hf import _examples, _llama
-from fastadapt.hf import AdaptiveLMTrainer
+from fastadapt.hf import HFAdaptiveTrainer
 
 def run(out_dir, batch_size, replay_batch_size):
     ddp = {"ddp_backend": "gloo"} if "WORLD_SIZE" in os.environ else {}
@@ -466,7 +466,7 @@ def run(out_dir, batch_size, replay_batch_size):
         max_grad_norm=0.0, save_strategy="no", logging_steps=1, seed=0, disable_tqdm=True, optim="sgd",
         lr_scheduler_type="constant", max_steps=2, **ddp)
     target, source = _examples(16, 10, seed=17), _examples(12, 10, seed=18)
-    tr = AdaptiveLMTrainer(_llama(), args, train_dataset=target, source_dataset=source,
+    tr = HFAdaptiveTrainer(_llama(), args, train_dataset=target, source_dataset=source,
                            replay_batch_size=replay_batch_size)
     tr.train()
     return {"state": {k: v.detach().clone() for k, v in tr.model.state_dict().items()},

@@ -1,4 +1,4 @@
-"""``AdaptiveLMTrainer``: a ``transformers.Trainer`` that fine-tunes a causal LM on a target data set
+"""``HFAdaptiveTrainer``: a ``transformers.Trainer`` that fine-tunes a causal LM on a target data set
 while replaying source sequences, with the loss ``alpha * CE(target) + (1 - alpha) * CE(source)`` on the
 fused linear cross-entropy (the logits are never materialised).
 
@@ -34,8 +34,8 @@ from fastadapt.training.lm import IGNORE_INDEX, shift_labels
 _SIDES = ("source", "target")
 
 
-class AdaptiveLMTrainer(transformers.Trainer):
-    """``AdaptiveLMTrainer(model, args, train_dataset=target, source_dataset=source, alpha=0.5,
+class HFAdaptiveTrainer(transformers.Trainer):
+    """``HFAdaptiveTrainer(model, args, train_dataset=target, source_dataset=source, alpha=0.5,
     replay_batch_size=None, **trainer_kwargs)``: ``transformers.Trainer`` (every other argument is its
     own) whose training loss pairs each target batch with a batch of ``replay_batch_size`` (default
     ``args.per_device_train_batch_size``) source examples, drawn from ``source_dataset`` and collated by
@@ -58,7 +58,7 @@ class AdaptiveLMTrainer(transformers.Trainer):
     def __init__(self, model, args=None, *, source_dataset=None, alpha=0.5, replay_batch_size=None,
                  **trainer_kwargs):
         if not hasattr(transformers.Trainer, "loss_is_scaled_for_ga"):
-            raise ImportError(f"AdaptiveLMTrainer needs a transformers whose Trainer has loss_is_scaled_for_ga "
+            raise ImportError(f"HFAdaptiveTrainer needs a transformers whose Trainer has loss_is_scaled_for_ga "
                               f"(5.x; installed: {transformers.__version__}): pip install -U 'fastadapt[hf]'")
         if callable(alpha):
             check_alpha(alpha(0), " (alpha(0) of the alpha schedule)")
@@ -70,13 +70,13 @@ class AdaptiveLMTrainer(transformers.Trainer):
         if replay_batch_size is not None:
             positive_int("replay_batch_size", replay_batch_size)
         if model is None:
-            raise ValueError("AdaptiveLMTrainer needs a model (model_init is not supported)")
+            raise ValueError("HFAdaptiveTrainer needs a model (model_init is not supported)")
         if trainer_kwargs.get("compute_loss_func") is not None:
-            raise ValueError("AdaptiveLMTrainer computes its own loss (alpha-weighted replay): compute_loss_func "
+            raise ValueError("HFAdaptiveTrainer computes its own loss (alpha-weighted replay): compute_loss_func "
                              "would be ignored; subclass it and override compute_loss instead")
         if args is not None and args.label_smoothing_factor:
             raise ValueError(f"args.label_smoothing_factor={args.label_smoothing_factor} is not supported by "
-                             f"AdaptiveLMTrainer (its loss is the plain token cross-entropy)")
+                             f"HFAdaptiveTrainer (its loss is the plain token cross-entropy)")
         self.head = FusedHead(model)
         self.alpha = alpha
         super().__init__(model=model, args=args, **trainer_kwargs)
@@ -215,7 +215,7 @@ class AdaptiveLMTrainer(transformers.Trainer):
 def _masked(batch, name):
     """The batch with labels -100 where its attention_mask is 0 (a copy; the batch is not changed)."""
     if "labels" not in batch:
-        raise ValueError(f"a batch of {name} has no 'labels' (keys {sorted(batch)}): AdaptiveLMTrainer trains on "
+        raise ValueError(f"a batch of {name} has no 'labels' (keys {sorted(batch)}): HFAdaptiveTrainer trains on "
                          f"next-token labels, e.g. from DataCollatorForLanguageModeling(tokenizer, mlm=False)")
     mask = batch.get("attention_mask")
     labels = batch["labels"]
