@@ -4,9 +4,11 @@ with the global batch, on sequences padded unevenly, so the ranks hold different
 per-side global token mean (also over an accumulation window); FSDP2 checkpoints.
 
 This file is also the workers' script: ``python tests/test_lm_distributed.py OUT`` runs every scenario
-on its rank and saves the results to ``OUT/rank{r}.pt``; the tests run the same functions in one
-process for the reference.
+on its rank (one launch: starting the processes costs more than the scenarios) and saves the results
+to ``OUT/rank{r}.pt``; the tests run the same functions in one process for the reference. (It replaces tests/test_lm.py's DDP test, whose sequences had no
+padding.)
 """
+import importlib.util
 import os
 import socket
 import subprocess
@@ -63,8 +65,28 @@ def weights(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def train(batch_size, optimizer, epochs=3, **options):
-    tr = make_trainer(batch_size, optimizer, **options)
+def hf_model(arch):
+    """A tiny random Hugging Face causal LM: GPT-2 (its head tied to its token embedding) or Llama."""
+    import transformers
+
+    torch.manual_seed(0)
+    if arch == "gpt2":
+        return transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            vocab_size=V, n_embd=16, n_layer=2, n_head=2, n_positions=T, bos_token_id=0, eos_token_id=0,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1))
+
+
+def train(batch_size, optimizer, epochs=3, model=None, **options):
+    if model is None:
+        tr = make_trainer(batch_size, optimizer, **options)
+    else:
+        from fastadapt.training.lm import HiddenStates
+
+        tr = _Recording(HiddenStates(model), alpha=0.3, batch_size=batch_size, seed=0, device="cpu",
+                        progress_bar=False, **OPTIMIZERS[optimizer], **options)
     tr.fit(TARGET, SOURCE, VAL, epochs=epochs)
     # FSDP2's state_dict holds shards: gathered whole on every rank here (the test compares them)
     state = {k: v.full_tensor() if dist.is_sharded(tr._net) else v for k, v in tr.model.state_dict().items()}
@@ -114,7 +136,11 @@ def run_rank(out):
                for parallel in ("ddp", "fsdp") for opt in ("sgd", "adamw")}
     results["fsdp_grads"] = one_step_gradients(RANK_BATCH, parallel="fsdp")
     results["fsdp_checkpoint"] = checkpoint_resume(out)
+    if importlib.util.find_spec("transformers") is not None:
+        results["hf"] = {arch: train(RANK_BATCH, "sgd", epochs=2, model=hf_model(arch), parallel="fsdp")
+                         for arch in ("gpt2", "llama")}
     results["seconds"] = time.perf_counter() - start
+    results["cpu_seconds"] = time.process_time()
     torch.save(results, os.path.join(out, f"rank{dist.rank()}.pt"))
 
 
@@ -126,7 +152,7 @@ def _free_port():
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    """The two ranks' results (one launch for every test of this module)."""
+    """The two ranks' results (one launch for every test of this module that reads them)."""
     out = tmp_path_factory.mktemp("lm_ranks")
     port = str(_free_port())
     procs = []
@@ -156,7 +182,7 @@ def _assert_same_run(got, want, what):
     for key, values in want["history"].items():
         assert got["history"][key] == pytest.approx(values, rel=1e-6, abs=1e-9), (what, key)
     for key, value in want["extra"].items():
-        assert got["extra"][key] == pytest.approx(value, rel=1e-6), (what, key)
+        assert got["extra"][key] == pytest.approx(value, rel=1e-6, abs=1e-6), (what, key)
 
 
 @pytest.mark.slow
@@ -210,6 +236,18 @@ def test_fsdp_checkpoint_resume_equals_a_straight_run_and_loads_in_one_process(r
     straight = train(2 * RANK_BATCH, "adamw", epochs=4)
     _assert_same_run({"state": weights(single.model), "history": single.history.history,
                       "extra": single.history.extra}, straight, "one process resuming the FSDP2 checkpoint")
+
+
+@pytest.mark.slow
+def test_fsdp_shards_hugging_face_decoder_layers_and_equals_one_process(ranks):
+    """HiddenStates(GPT-2) (its head tied to the token embedding, both in the root unit) and
+    HiddenStates(Llama) (rotary embeddings passed to each layer) under FSDP2, their decoder layers
+    found by the default rule: 2 SGD steps on uneven padding equal one process's."""
+    pytest.importorskip("transformers")
+    (r0, r1), _ = ranks
+    for arch in ("gpt2", "llama"):
+        _assert_same_run(r0["hf"][arch], train(2 * RANK_BATCH, "sgd", epochs=2, model=hf_model(arch)), arch)
+        assert r0["hf"][arch]["history"] == r1["hf"][arch]["history"]
 
 
 # ---- one process (the default run) ------------------------------------------------------------------

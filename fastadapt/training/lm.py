@@ -201,7 +201,7 @@ class _ModelWithLoss(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, ids, labels, n_source, alpha, reduction="mean"):
+    def forward(self, ids, labels, n_source, alpha, reduction):
         hidden = self.model(ids)
         return causal_lm_loss(hidden[:n_source], labels[:n_source], hidden[n_source:], labels[n_source:],
                               output_head(self.model), alpha, reduction=reduction)
