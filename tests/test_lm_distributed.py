@@ -136,6 +136,10 @@ def run_rank(out):
                for parallel in ("ddp", "fsdp") for opt in ("sgd", "adamw")}
     results["fsdp_grads"] = one_step_gradients(RANK_BATCH, parallel="fsdp")
     results["fsdp_checkpoint"] = checkpoint_resume(out)
+    try:  # 17 sequences in batches of 8: 9 for rank 0 (2 batches), 8 for rank 1 (1 batch)
+        make_trainer(RANK_BATCH).fit(tuple(torch.cat([t, t[:1]]) for t in TARGET), SOURCE, epochs=1)
+    except ValueError as e:
+        results["uneven_batches"] = str(e)
     if importlib.util.find_spec("transformers") is not None:
         results["hf"] = {arch: train(RANK_BATCH, "sgd", epochs=2, model=hf_model(arch), parallel="fsdp")
                          for arch in ("gpt2", "llama")}
@@ -236,6 +240,17 @@ def test_fsdp_checkpoint_resume_equals_a_straight_run_and_loads_in_one_process(r
     straight = train(2 * RANK_BATCH, "adamw", epochs=4)
     _assert_same_run({"state": weights(single.model), "history": single.history.history,
                       "extra": single.history.extra}, straight, "one process resuming the FSDP2 checkpoint")
+
+
+@pytest.mark.slow
+def test_ranks_with_different_numbers_of_batches_are_refused(ranks):
+    """17 sequences, batches of 8: the ranks would run 2 and 1 steps, and the first would wait forever on
+    its second step's collectives; both ranks raise before training instead."""
+    (r0, r1), _ = ranks
+    for r in (r0, r1):
+        assert r["uneven_batches"] == ("the ranks have [2, 1] batches per epoch (rank r: entry r); every rank "
+                                       "needs as many: make the number of training samples a multiple of the "
+                                       "number of ranks")
 
 
 @pytest.mark.slow

@@ -51,6 +51,18 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def check_same_on_every_rank(what: str, value: int, remedy: str):
+    """Raises on every rank when the ranks disagree on ``value``: the ranks of DDP and FSDP2 must run as
+    many steps as each other (each step's collectives wait for every rank: a rank with one step more
+    would wait forever, or be paired with another collective)."""
+    if world_size() <= 1:
+        return
+    values = [None] * world_size()
+    tdist.all_gather_object(values, value)
+    if len(set(values)) > 1:
+        raise ValueError(f"the ranks have {values} {what} (rank r: entry r); every rank needs as many: {remedy}")
+
+
 def barrier():
     if world_size() > 1:
         tdist.barrier()

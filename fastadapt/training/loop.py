@@ -192,6 +192,8 @@ class Trainer:
         self._setup_distributed()  # before prepare: batch sources shard by rank
         self.check_batch_labels = False  # set by prepare for training sets whose labels it cannot read
         batches, self._val_sets = self.prepare(*data)
+        dist.check_same_on_every_rank("batches per epoch", len(batches),
+                                      "make the number of training samples a multiple of the number of ranks")
         resuming = resume_from is not None or self._pending_state is not None
         self._begin(len(batches), epochs, resume_from)
         self.on_fit_start(resuming)
