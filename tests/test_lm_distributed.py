@@ -5,25 +5,23 @@ per-side global token mean (also over an accumulation window); FSDP2 checkpoints
 
 This file is also the workers' script: ``python tests/test_lm_distributed.py OUT`` runs every scenario
 on its rank (one launch: starting the processes costs more than the scenarios) and saves the results
-to ``OUT/rank{r}.pt``; the tests run the same functions in one process for the reference. (It replaces tests/test_lm.py's DDP test, whose sequences had no
-padding.)
+to ``OUT/rank{r}.pt``; the tests run the same functions in one process for the reference. (It
+replaces tests/test_lm.py's DDP test, whose sequences had no padding.)
 """
 import importlib.util
 import os
-import socket
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
 from fastadapt.training import Callback
 from fastadapt.training import distributed as dist
-from fastadapt.training.lm import (LMAdaptiveTrainer, TinyCausalLM, causal_lm_loss, predicted_tokens,
-                                   token_mean_weights)
+from fastadapt.training.lm import (HiddenStates, LMAdaptiveTrainer, TinyCausalLM, causal_lm_loss,
+                                   predicted_tokens, token_mean_weights)
+from test_distributed import ROOT, _free_port
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 V, T, N = 24, 12, 16  # vocabulary, sequence length, sequences per domain
 RANK_BATCH = 8  # per rank: 2 ranks x 8 = the whole 16 sequences, one optimizer step per epoch
 
@@ -54,15 +52,18 @@ class _Recording(LMAdaptiveTrainer):
         super().on_window_start(batches)
 
 
-def make_trainer(batch_size, optimizer="sgd", **options):
+def make_trainer(batch_size, optimizer="sgd", hf=None, **options):
+    """A TinyCausalLM, or the Hugging Face model ``hf`` (:func:`hf_model`), in a trainer."""
     torch.manual_seed(0)
-    model = TinyCausalLM(V, d_model=16, n_layers=2, n_heads=2, max_len=T)
+    model = TinyCausalLM(V, d_model=16, n_layers=2, n_heads=2, max_len=T) if hf is None else HiddenStates(hf_model(hf))
     return _Recording(model, alpha=0.3, batch_size=batch_size, seed=0, device="cpu", progress_bar=False,
                       **OPTIMIZERS[optimizer], **options)
 
 
-def weights(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+def weights(tr):
+    """The trainer's model's weights (FSDP2's shards gathered whole)."""
+    sharded = dist.is_sharded(tr._net)
+    return {k: (v.full_tensor() if sharded else v).detach().clone() for k, v in tr.model.state_dict().items()}
 
 
 def hf_model(arch):
@@ -79,19 +80,11 @@ def hf_model(arch):
         num_key_value_heads=1))
 
 
-def train(batch_size, optimizer, epochs=3, model=None, **options):
-    if model is None:
-        tr = make_trainer(batch_size, optimizer, **options)
-    else:
-        from fastadapt.training.lm import HiddenStates
-
-        tr = _Recording(HiddenStates(model), alpha=0.3, batch_size=batch_size, seed=0, device="cpu",
-                        progress_bar=False, **OPTIMIZERS[optimizer], **options)
+def train(batch_size, optimizer, epochs=3, **options):
+    tr = make_trainer(batch_size, optimizer, **options)
     tr.fit(TARGET, SOURCE, VAL, epochs=epochs)
-    # FSDP2's state_dict holds shards: gathered whole on every rank here (the test compares them)
-    state = {k: v.full_tensor() if dist.is_sharded(tr._net) else v for k, v in tr.model.state_dict().items()}
-    return {"state": {k: v.detach().clone() for k, v in state.items()}, "history": tr.history.history,
-            "extra": tr.history.extra, "tokens": tr.local_tokens}
+    return {"state": weights(tr), "history": tr.history.history, "extra": tr.history.extra,
+            "tokens": tr.local_tokens}
 
 
 def one_step_gradients(batch_size, **options):
@@ -124,14 +117,12 @@ def checkpoint_resume(folder):
                      callbacks=[_SaveAt(2, os.path.join(folder, "ck"))])
     resumed = make_trainer(RANK_BATCH, "adamw", parallel="fsdp")
     resumed.fit(TARGET, SOURCE, VAL, epochs=4, resume_from=os.path.join(folder, "ck"))
-    state = {k: v.full_tensor() for k, v in resumed.model.state_dict().items()}
-    return {"straight": straight, "resumed": {"state": state, "history": resumed.history.history,
+    return {"straight": straight, "resumed": {"state": weights(resumed), "history": resumed.history.history,
                                               "extra": resumed.history.extra}}
 
 
 def run_rank(out):
     """Every scenario on this rank (under torchrun's variables); the results to ``out/rank{r}.pt``."""
-    start = time.perf_counter()
     results = {f"{parallel}_{opt}": train(RANK_BATCH, opt, parallel=parallel)
                for parallel in ("ddp", "fsdp") for opt in ("sgd", "adamw")}
     results["fsdp_grads"] = one_step_gradients(RANK_BATCH, parallel="fsdp")
@@ -141,17 +132,9 @@ def run_rank(out):
     except ValueError as e:
         results["uneven_batches"] = str(e)
     if importlib.util.find_spec("transformers") is not None:
-        results["hf"] = {arch: train(RANK_BATCH, "sgd", epochs=2, model=hf_model(arch), parallel="fsdp")
+        results["hf"] = {arch: train(RANK_BATCH, "sgd", epochs=2, hf=arch, parallel="fsdp")
                          for arch in ("gpt2", "llama")}
-    results["seconds"] = time.perf_counter() - start
-    results["cpu_seconds"] = time.process_time()
     torch.save(results, os.path.join(out, f"rank{dist.rank()}.pt"))
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -238,7 +221,7 @@ def test_fsdp_checkpoint_resume_equals_a_straight_run_and_loads_in_one_process(r
     single = make_trainer(2 * RANK_BATCH, "adamw")
     single.fit(TARGET, SOURCE, VAL, epochs=4, resume_from=out / "ck")
     straight = train(2 * RANK_BATCH, "adamw", epochs=4)
-    _assert_same_run({"state": weights(single.model), "history": single.history.history,
+    _assert_same_run({"state": weights(single), "history": single.history.history,
                       "extra": single.history.extra}, straight, "one process resuming the FSDP2 checkpoint")
 
 
@@ -261,7 +244,7 @@ def test_fsdp_shards_hugging_face_decoder_layers_and_equals_one_process(ranks):
     pytest.importorskip("transformers")
     (r0, r1), _ = ranks
     for arch in ("gpt2", "llama"):
-        _assert_same_run(r0["hf"][arch], train(2 * RANK_BATCH, "sgd", epochs=2, model=hf_model(arch)), arch)
+        _assert_same_run(r0["hf"][arch], train(2 * RANK_BATCH, "sgd", epochs=2, hf=arch), arch)
         assert r0["hf"][arch]["history"] == r1["hf"][arch]["history"]
 
 
@@ -303,7 +286,7 @@ def test_gradient_accumulation_over_uneven_padding_equals_the_whole_batch():
         tr = make_trainer(batch_size, "sgd", grad_accum_steps=accum)
         tr.fit((TARGET[0][:8], TARGET[1][:8]), (SOURCE[0][:8], SOURCE[1][:8]), epochs=2)
         assert tr.global_step == 2
-        states.append(weights(tr.model))
+        states.append(weights(tr))
         losses.append(tr.history["loss"])
     for k, v in states[0].items():
         torch.testing.assert_close(states[1][k], v, rtol=0, atol=1e-6, msg=k)
