@@ -65,9 +65,10 @@ def _fsync_file(path):
         os.fsync(f.fileno())
 
 
-def _weights_payload(module) -> dict:
+def _weights_payload(module, weights=None) -> dict:
     # clone: safetensors refuses tensors that share storage, and it must see contiguous CPU data.
-    return {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
+    weights = module.state_dict() if weights is None else weights
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in weights.items()}
 
 
 def _metadata(module, extra=None) -> dict:
@@ -116,8 +117,9 @@ def read_weights(path) -> tuple[dict, dict | None]:
     return obj, None
 
 
-def save_checkpoint(folder, module, state: dict) -> None:
-    """Writes ``module``'s weights and the trainer ``state`` (tensors and plain values only) to ``folder``."""
+def save_checkpoint(folder, module, state: dict, weights: dict | None = None) -> None:
+    """Writes ``module``'s weights and the trainer ``state`` (tensors and plain values only) to ``folder``;
+    ``weights``: the state_dict to write instead of ``module.state_dict()`` (a sharded model's, gathered whole)."""
     from safetensors.torch import save_file
 
     folder = os.fspath(folder)
@@ -127,7 +129,7 @@ def save_checkpoint(folder, module, state: dict) -> None:
         os.unlink(stale)  # left by saves that died before their commit point
     ckpt_id = uuid.uuid4().hex
     pending = os.path.join(folder, f".pending-{ckpt_id}.safetensors")
-    payload, meta = _weights_payload(module), _metadata(module, {_ID_KEY: ckpt_id})
+    payload, meta = _weights_payload(module, weights), _metadata(module, {_ID_KEY: ckpt_id})
     try:
         mode = _create(pending)
         save_file(payload, pending, metadata=meta)

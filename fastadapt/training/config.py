@@ -13,6 +13,7 @@ OPTIMIZERS = ("adamw", "adam", "sgd")
 PRECISIONS = ("32", "bf16")
 SCHEDULERS = (None, "constant", "cosine")
 STRATEGIES = ("replay", "lwf", "replay+lwf")
+PARALLELS = ("ddp", "fsdp")
 
 
 def positive_int(name, v):
@@ -37,7 +38,10 @@ class TrainConfig:
     (after ``warmup_steps`` of linear warm-up) or "cosine" (decay to 0 at the last step); steps are
     optimizer steps. ``precision="bf16"``: forward passes under bf16 autocast. ``seed`` seeds Python,
     NumPy and torch when ``fit`` starts (not on resume). ``compile=True`` runs each training step's
-    forward and loss under ``torch.compile``."""
+    forward and loss under ``torch.compile``. ``parallel``: under torchrun (WORLD_SIZE > 1), "ddp"
+    replicates the model (DistributedDataParallel) and "fsdp" shards it with FSDP2 (``fully_shard`` of
+    each module ``fsdp_blocks(model)`` returns, by default the blocks a transformer repeats, then of the
+    whole), for the trainers that support it (LMAdaptiveTrainer); ignored in a single process."""
 
     lr: float = 1e-3
     optimizer: str | Callable = "adamw"
@@ -54,6 +58,8 @@ class TrainConfig:
     progress_bar: bool | None = None
     batch_size: int = 32
     compile: bool = False
+    parallel: str = "ddp"
+    fsdp_blocks: Callable | None = None
 
     def __post_init__(self):
         _positive_number("lr", self.lr)
@@ -78,6 +84,11 @@ class TrainConfig:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise ValueError(f"seed must be an int or None, got {self.seed!r}")
+        if self.parallel not in PARALLELS:
+            raise ValueError(f"parallel must be one of {list(PARALLELS)}, got {self.parallel!r}")
+        if self.fsdp_blocks is not None and not callable(self.fsdp_blocks):
+            raise TypeError(f"fsdp_blocks must be None or callable(model) -> modules, got "
+                            f"{type(self.fsdp_blocks).__name__}")
         self.device = resolve_device(self.device)
         for name in ("freeze_backbone", "compile"):
             if not isinstance(getattr(self, name), bool):

@@ -1,6 +1,6 @@
 """Causal language models on the fused linear cross-entropy (issue 14, groundwork): a small pre-norm
 transformer that declares its output head, the shifted-label loss, and :class:`LMAdaptiveTrainer`, the
-adaptive (replay) trainer for token sequences on the shared loop.
+adaptive (replay) trainer for token sequences on the shared loop (one process, DDP or FSDP2).
 
 The loss never materialises logits: the model returns the hidden states that enter its head and
 ``alpha_weighted_linear_cross_entropy`` applies the head chunk by chunk. Labels follow Hugging Face:
@@ -15,6 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import TensorDataset
 
 from fastadapt.ops import alpha_weighted_linear_cross_entropy
@@ -166,6 +167,46 @@ def _token_pairs(data, name):
     return ids, labels
 
 
+def predicted_tokens(labels: torch.Tensor, n_source: int) -> torch.Tensor:
+    """float64 ``[source, target]``: how many positions of the first ``n_source`` rows and of the others
+    predict a token (a label follows them that is not ``IGNORE_INDEX``)."""
+    kept = (labels[:, 1:] != IGNORE_INDEX).sum(1, dtype=torch.float64)
+    return torch.stack([kept[:n_source].sum(), kept[n_source:].sum()])
+
+
+def token_mean_weights(alpha, tokens: torch.Tensor):
+    """``(w, scale)`` such that ``scale * (w * S_t + (1 - w) * S_s)`` equals ``alpha * S_t / n_t + (1 - alpha)
+    * S_s / n_s``: each side's summed loss ``S`` over its token count ``n`` (``tokens = [n_s, n_t]``) as one
+    call of the op with ``reduction="sum"``. A side weighing 0 gets no weight whatever its count; a side
+    without tokens adds nothing (its sum is 0: its count is taken as 1, not a division by zero)."""
+    side = (torch.stack([1 - alpha, alpha]) if isinstance(alpha, torch.Tensor)
+            else torch.tensor([1.0 - alpha, alpha], dtype=torch.float64))
+    side = side.to(tokens.device, torch.float64)
+    per_token = torch.where(side == 0, 0.0, side / tokens.clamp(min=1))
+    scale = per_token.sum()
+    return per_token[1] / scale, scale
+
+
+class _ModelWithLoss(nn.Module):
+    """The model and its head's fused loss as one module: what the loop runs, wraps in DDP or shards
+    with FSDP2. The loss is computed inside this forward because the fused op needs the head's whole
+    ``(V, D)`` weight: under FSDP2 this module is the root unit, whose parameters (everything outside the
+    repeated blocks: embeddings, final norm, head) are all-gathered by its pre-forward hook and stay
+    gathered through this forward, and whose post-backward reduce-scatters their gradients; the head's
+    gradient, made by the op inside this forward, therefore reaches FSDP's reduce-scatter like any
+    other. Outside a forward the head's weight is only this rank's shard. (DDP would also sync a head
+    used outside the forward, its hooks being per parameter; one module serves both.)"""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids, labels, n_source, alpha, reduction):
+        hidden = self.model(ids)
+        return causal_lm_loss(hidden[:n_source], labels[:n_source], hidden[n_source:], labels[n_source:],
+                              output_head(self.model), alpha, reduction=reduction)
+
+
 class LMAdaptiveTrainer(AdaptiveTrainer):
     """``fit(target_data, source_data=None, val_data=None, *, epochs, resume_from=None)`` on token
     sequences: each data set an ``(ids, labels)`` pair of ``(N, T)`` int64 tensors (labels unshifted, -100
@@ -176,7 +217,24 @@ class LMAdaptiveTrainer(AdaptiveTrainer):
     drawn at all. ``evaluate`` and the History's ``extra`` report nats per predicted token and perplexity;
     the model is any module whose ``forward(ids)`` returns the hidden states entering its head
     (:func:`output_head`). Only ``strategy="replay"`` is supported so far.
+
+    The loss is each side's mean over its predicted tokens in the whole optimizer step: under torchrun
+    (DDP, or FSDP2 with ``parallel="fsdp"``) over every rank's batch, and with ``grad_accum_steps`` over
+    the whole accumulation window, however the padding falls; so it equals one process's loss on the
+    union of the batches. (Per-batch means averaged over ranks or micro-batches would weigh a token of
+    a padded batch more than one of a full batch.) Each side's summed loss is divided by the side's
+    predicted-token count, all-reduced across ranks before the window's first forward, times the number
+    of ranks (DDP and FSDP2 average gradients), as Hugging Face does with ``num_items_in_batch``.
     """
+
+    supports_fsdp = True
+    normalises_over_window = True
+
+    def __init__(self, model, config=None, *, callbacks=(), **options):
+        super().__init__(model, config, callbacks=callbacks, **options)
+        self._net = _ModelWithLoss(self.model)
+        self._tokens = None  # the current window's [source, target] token counts, all ranks together
+        self._window_first = True
 
     def prepare(self, target_data, source_data=None, val_data=None):
         cfg = self.config
@@ -213,42 +271,58 @@ class LMAdaptiveTrainer(AdaptiveTrainer):
         sources = TensorBatches(*source, min(cfg.batch_size, len(source[0])), self.device, seed)
         return PairedBatches(targets, sources), val
 
+    def on_window_start(self, batches):
+        tokens = sum(predicted_tokens(b[1], b[2] if len(b) == 3 else 0) for b in batches)
+        self._tokens = dist.all_reduce_sum(tokens)
+        self._window_first = True
+
     def step(self, batch):
         x, y, ns = batch if len(batch) == 3 else (*batch, 0)  # replayed source rows first (PairedBatches)
-        hidden = self._net(x)
         alpha = self._alpha if self.config.compile else self._alpha_value
-        loss = causal_lm_loss(hidden[:ns], y[:ns], hidden[ns:], y[ns:], output_head(self.model), alpha)
-        return loss, {"loss": loss.detach(), "steps": 1}
+        if self._tokens is None:  # a step outside fit: the batch's own token means
+            tokens, ranks = predicted_tokens(y, ns), 1
+        else:
+            tokens, ranks = self._tokens, dist.world_size()
+        w, scale = token_mean_weights(alpha, tokens)
+        loss = self._net(x, y, ns, w, reduction="sum")
+        loss = loss * (scale * ranks).to(loss.dtype)
+        # the window's loss is the sum of its steps' over the ranks, each of which counts the window once
+        first, self._window_first = self._window_first, False
+        return loss, {"loss": loss.detach(), "steps": int(first or self._tokens is None)}
 
     def epoch_logs(self, s):
         return {"loss": s["loss"] / s["steps"]}
 
     def evaluate(self, data) -> dict:
         """{"loss": nats per predicted token, "ppl": its exp} over the ``(ids, labels)`` sequences of
-        ``data`` (summed across ranks under DDP)."""
+        ``data`` (each rank evaluates its share; the sums are reduced across ranks)."""
         return self._evaluate(ValSet(data, TensorDataset(*_token_pairs(data, "data"))))
 
     @torch.no_grad()
     def _evaluate(self, val: ValSet) -> dict:
         ids, labels = val.ds.tensors
-        head = output_head(self.model)
-        was_training = self.model.training
-        self.model.eval()
+        # DDP's forward would sync buffers (a collective) on each call: the module inside it runs instead.
+        # FSDP2's all-gathers are collectives too, so every rank runs as many forward passes: rank r takes
+        # rows r, r + world, ... up to a multiple of world, the rows past the end standing in with no label.
+        net = self._net.module if isinstance(self._net, DistributedDataParallel) else self._net
+        world = dist.world_size()
+        rows = torch.arange(dist.rank(), -(-len(ids) // world) * world, world)
+        was_training = net.training
+        net.eval()
         sums = MetricSums()
-        rows = torch.arange(dist.rank(), len(ids), dist.world_size())
         for chunk in rows.split(self.config.batch_size):
-            x, y = ids[chunk].to(self.device), labels[chunk].to(self.device)
+            x, y = ids[chunk % len(ids)].to(self.device), labels[chunk % len(ids)].to(self.device)
+            y = y.masked_fill((chunk >= len(ids)).to(self.device)[:, None], IGNORE_INDEX)
             with self._autocast():
-                hidden = self.model(x)
-            # alpha=1: the source side is not evaluated, so the target's tensors stand in for it
-            total = causal_lm_loss(hidden, y, hidden, y, head, 1.0, reduction="sum")
-            sums.add({"nats": total, "tokens": (shift_labels(y) != IGNORE_INDEX).sum()})
-        self.model.train(was_training)
+                total = net(x, y, 0, 1.0, reduction="sum")
+            sums.add({"nats": total, "tokens": predicted_tokens(y, 0)[1]})
+        net.train(was_training)
         s = sums.read(self.device)
         loss = s["nats"] / s["tokens"]
         return {"loss": loss, "ppl": math.exp(loss)}
 
     def on_fit_start(self, resuming):
+        self._tokens = None
         if not callable(self.config.alpha):
             self._set_alpha(float(self.config.alpha))
         if not resuming:
@@ -256,6 +330,7 @@ class LMAdaptiveTrainer(AdaptiveTrainer):
                 self.history.extra[f"{side}loss_before"] = self._evaluate(val)["loss"]
 
     def on_fit_end(self):
+        self._tokens = None  # steps outside fit use their own batch's counts again
         x = self.history.extra
         for side, val in self._val_sets.items():
             after = x[f"{side}loss_after"] = self._evaluate(val)["loss"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import math
 import random
 import sys
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from fastadapt.training import checkpoint as ckpt
@@ -112,6 +114,13 @@ class Trainer:
     of ``config`` (a :class:`TrainConfig`) or of keyword arguments that build one."""
 
     Config = TrainConfig
+    # Trainers whose every collective call (forward passes included: FSDP2 all-gathers in each) is made
+    # by all ranks alike, evaluation included, and whose model runs only through self._net.
+    supports_fsdp = False
+    # True: the loop hands the trainer each accumulation window's batches before their steps
+    # (on_window_start) and backpropagates each step's loss as it is, the trainer normalising it over the
+    # whole window itself; False: each step's loss is divided by grad_accum_steps.
+    normalises_over_window = False
 
     def __init__(self, model: nn.Module, config: TrainConfig | None = None, *, callbacks=(), **options):
         if not isinstance(model, nn.Module):
@@ -125,6 +134,9 @@ class Trainer:
         for cb in self.callbacks:
             if not isinstance(cb, Callback):
                 raise TypeError(f"callbacks must be fastadapt Callback instances, got {type(cb).__name__}")
+        if self.config.parallel == "fsdp" and not self.supports_fsdp:
+            raise ValueError(f"parallel='fsdp' is not supported by {type(self).__name__} (LMAdaptiveTrainer "
+                             f"supports it); use parallel='ddp'")
         self.device = self.config.device
         self.model = model.to(self.device)
         if self.config.freeze_backbone:
@@ -135,7 +147,7 @@ class Trainer:
         self.epoch = self.global_step = 0
         self.stop_training = False
         self.check_batch_labels = False  # per-batch label checks, for datasets whose labels cannot be read up front
-        self._net = self.model  # the DDP wrapper under torchrun
+        self._net = self.model  # what a step runs; under torchrun wrapped in DDP or sharded with FSDP2
         self._forward = self.step  # torch.compile of it with config.compile
         self._val_sets: dict = {}
         self._pending_state = None
@@ -163,6 +175,10 @@ class Trainer:
     def on_step_start(self):
         """Before each batch's forward (outside a compiled step): per-step state such as a scheduled weight."""
 
+    def on_window_start(self, batches: list):
+        """With ``normalises_over_window``: the batches of one optimizer step (``grad_accum_steps`` of them,
+        fewer at an epoch's end), before the first one's forward."""
+
     # ---- public API --------------------------------------------------------------------------------
 
     @property
@@ -176,6 +192,8 @@ class Trainer:
         self._setup_distributed()  # before prepare: batch sources shard by rank
         self.check_batch_labels = False  # set by prepare for training sets whose labels it cannot read
         batches, self._val_sets = self.prepare(*data)
+        dist.check_same_on_every_rank("batches per epoch", len(batches),
+                                      "make the number of training samples a multiple of the number of ranks")
         resuming = resume_from is not None or self._pending_state is not None
         self._begin(len(batches), epochs, resume_from)
         self.on_fit_start(resuming)
@@ -254,16 +272,19 @@ class Trainer:
 
     def save_checkpoint(self, path) -> None:
         """Weights (safetensors) and trainer state (weights_only-loadable) into folder ``path``,
-        atomically; only rank 0 writes."""
+        atomically; only rank 0 writes. Under FSDP2 the whole weights and optimizer state are gathered
+        first, so the files are those of an unsharded run (every rank must call this)."""
+        state = self._trainer_state()
+        weights = dist.gather_full(self.model.state_dict()) if dist.is_sharded(self._net) else None
         if dist.is_main():
-            ckpt.save_checkpoint(path, self.model, self._trainer_state())
+            ckpt.save_checkpoint(path, self.model, state, weights=weights)
         dist.barrier()
 
     def load_checkpoint(self, path) -> None:
         """Loads the weights now; optimizer, schedule, epoch, history and RNG states are restored by
         the next ``fit`` (or now, when the optimizer already exists)."""
         weights, state = ckpt.load_checkpoint(path)
-        load_state(self.model, weights, source=str(path))
+        self._load_weights(weights, str(path))
         self._pending_state = state
         if self.optimizer is not None:
             self._restore(state)
@@ -279,18 +300,34 @@ class Trainer:
             from tqdm.auto import tqdm
 
             items = tqdm(items, total=n, desc=f"epoch {epoch + 1}", leave=False, file=sys.stderr)
-        for i, batch in enumerate(items):
-            stepping = (i + 1) % accum == 0 or i + 1 == n
-            sync = contextlib.nullcontext() if stepping or self._net is self.model else self._net.no_sync()
+        divide = accum > 1 and not self.normalises_over_window
+        for batch, stepping in self._micro_batches(items, n, accum):
+            # DDP syncs gradients at the window's last backward only; FSDP2 reduce-scatters at every
+            # backward (keeping unsharded gradients across the window would cost a whole model per rank)
+            no_sync = not stepping and isinstance(self._net, DistributedDataParallel)
             self.on_step_start()
-            with sync:
+            with self._net.no_sync() if no_sync else contextlib.nullcontext():
                 with self._autocast():
                     loss, metrics = self._forward(batch)
-                (loss if accum == 1 else loss / accum).backward()
+                (loss / accum if divide else loss).backward()
             sums.add(metrics)
             if stepping:
                 self._optimizer_step()
         return self.epoch_logs(sums.read(self.device))
+
+    def _micro_batches(self, items, n, accum):
+        """(batch, whether the optimizer steps after it); with ``normalises_over_window`` each window's
+        batches are read (and shown to on_window_start) before the first one runs. Batch sources reuse
+        their buffers, so a window of more than one batch holds copies."""
+        if not self.normalises_over_window:
+            for i, batch in enumerate(items):
+                yield batch, (i + 1) % accum == 0 or i + 1 == n
+            return
+        items = iter(items)
+        while window := [b if accum == 1 else _copy(b) for b in itertools.islice(items, accum)]:
+            self.on_window_start(window)
+            for j, batch in enumerate(window):
+                yield batch, j + 1 == len(window)
 
     def _optimizer_step(self):
         if self.config.max_grad_norm is not None:
@@ -330,7 +367,7 @@ class Trainer:
         """Fresh optimizer, schedule and History, then the checkpoint's state on top when resuming."""
         if resume_from is not None:
             weights, state = ckpt.load_checkpoint(resume_from)
-            load_state(self.model, weights, source=str(resume_from))
+            self._load_weights(weights, str(resume_from))
             self._pending_state = state
         if self._pending_state is None and self.config.seed is not None:
             seed_everything(self.config.seed)
@@ -379,7 +416,10 @@ class Trainer:
     def _trainer_state(self) -> dict:
         if self.optimizer is None:
             raise RuntimeError("save_checkpoint needs a trainer that has started fit (no optimizer yet)")
-        return {"epoch": self.epoch, "global_step": self.global_step, "optimizer": self.optimizer.state_dict(),
+        optimizer = self.optimizer.state_dict()
+        if dist.is_sharded(self._net):
+            optimizer = dist.gather_full(optimizer)  # a collective: every rank gets here
+        return {"epoch": self.epoch, "global_step": self.global_step, "optimizer": optimizer,
                 "rng": self._epoch_rng if self._epoch_rng is not None else rng_state(),
                 "history": self.history.to_dict(), "callbacks": [cb.state_dict() for cb in self.callbacks]}
 
@@ -392,7 +432,10 @@ class Trainer:
                 warnings.simplefilter("ignore")  # "lr_scheduler.step() before optimizer.step()"
                 for _ in range(self.global_step):
                     self.scheduler.step()
-        self.optimizer.load_state_dict(state["optimizer"])
+        optimizer = state["optimizer"]
+        if dist.is_sharded(self._net):
+            optimizer = dist.shard_optimizer_state(self.optimizer, optimizer)
+        self.optimizer.load_state_dict(optimizer)
         self.epoch = int(state["epoch"])
         self.history = History()
         self.history.load_dict(state["history"])
@@ -401,6 +444,12 @@ class Trainer:
                 cb.load_state_dict(s)
         set_rng_state(state["rng"])
         self._pending_state = None
+
+    def _load_weights(self, weights: dict, source: str):
+        """A checkpoint's whole weights into the model (each rank taking its shards under FSDP2)."""
+        if dist.is_sharded(self._net):
+            weights = dist.shard_state(weights, self.model)
+        load_state(self.model, weights, source=source)
 
     def _autocast(self):
         if self.config.precision != "bf16":
@@ -439,11 +488,20 @@ class Trainer:
         return ds
 
     def _setup_distributed(self):
-        if dist.init_from_env(self.device) and self._net is self.model:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
+        """Under torchrun, ``self._net`` (the model, or the module a trainer's step runs) wrapped in DDP or
+        sharded with FSDP2 (``config.parallel``), once."""
+        if not dist.init_from_env(self.device) or isinstance(self._net, DistributedDataParallel) \
+                or dist.is_sharded(self._net):
+            return
+        if self.config.parallel == "fsdp":
+            self._net = dist.shard(self._net, (self.config.fsdp_blocks or dist.repeated_blocks)(self.model))
+        else:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self._net = DDP(self.model, device_ids=ids)
+            self._net = DistributedDataParallel(self._net, device_ids=ids)
+
+
+def _copy(batch):
+    return tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in batch)
 
 
 def _sharded(loader: DataLoader, seed: int) -> DataLoader:
