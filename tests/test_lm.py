@@ -247,3 +247,27 @@ def test_gradient_accumulation_equals_the_whole_batch_without_padding():
         states.append(model.state_dict())
     for k, v in states[0].items():
         torch.testing.assert_close(states[1][k], v, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_replay_memory_in_sequences_or_tokens():
+    from fastadapt.training.lm import replay_memory
+    labels = torch.arange(6 * 5).view(6, 5)
+    labels[2, 3:] = -100                                   # sequence 2 predicts 2 tokens, the others 4
+    order = torch.randperm(6, generator=torch.Generator().manual_seed(3))
+    assert replay_memory(labels, 3, sequences=4).tolist() == sorted(order[:4].tolist())
+    predicted = torch.tensor([2 if i == 2 else 4 for i in order.tolist()]).cumsum(0)
+    budget = int(predicted[2])                             # exactly the first three sequences' tokens
+    assert replay_memory(labels, 3, tokens=budget).tolist() == sorted(order[:3].tolist())
+    assert replay_memory(labels, 3, tokens=budget - 1).tolist() == sorted(order[:2].tolist())
+    with pytest.raises(ValueError, match="memory_tokens=1 holds no source sequence"):
+        replay_memory(labels, 3, tokens=1)
+    with pytest.raises(ValueError, match="memory_size=7 exceeds the 6 sequences"):
+        replay_memory(labels, 3, sequences=7)
+    source, target = _two_domains(n=16)
+    tr = LMAdaptiveTrainer(TinyCausalLM(24, d_model=16, n_layers=1, n_heads=2, max_len=16), alpha=0.5,
+                           device="cpu", memory_tokens=50, progress_bar=False)
+    tr.fit(target, source, epochs=1)
+    kept = tr.memory.tensors[1]
+    assert (shift_labels(kept) != -100).sum() <= 50 and len(kept) == 50 // (kept.shape[1] - 1)
+    with pytest.raises(ValueError, match="not both"):
+        LMAdaptiveTrainer(TinyCausalLM(24), memory_tokens=50, memory_size=2)

@@ -28,7 +28,7 @@ from transformers.utils import is_datasets_available
 
 from fastadapt.hf.head import FusedHead
 from fastadapt.hf.replay import ReplayStream
-from fastadapt.training.config import check_alpha, positive_int
+from fastadapt.training.config import alpha_at, positive_int
 from fastadapt.training.lm import IGNORE_INDEX, shift_labels
 
 _SIDES = ("source", "target")
@@ -60,10 +60,7 @@ class HFAdaptiveTrainer(transformers.Trainer):
         if not hasattr(transformers.Trainer, "loss_is_scaled_for_ga"):
             raise ImportError(f"HFAdaptiveTrainer needs a transformers whose Trainer has loss_is_scaled_for_ga "
                               f"(5.x; installed: {transformers.__version__}): pip install -U 'fastadapt[hf]'")
-        if callable(alpha):
-            check_alpha(alpha(0), " (alpha(0) of the alpha schedule)")
-        else:
-            check_alpha(alpha)
+        alpha_at(alpha, 0)
         if source_dataset is None and (callable(alpha) or float(alpha) != 1.0):
             raise ValueError(f"alpha={alpha!r} weighs replayed source sequences: pass source_dataset (or alpha=1 "
                              f"for plain fine-tuning)")
@@ -97,11 +94,7 @@ class HFAdaptiveTrainer(transformers.Trainer):
 
     def alpha_at(self, step: int) -> float:
         """alpha at optimizer step ``step`` (checked to lie in [0, 1])."""
-        if not callable(self.alpha):
-            return float(self.alpha)
-        a = self.alpha(step)
-        check_alpha(a, f" (alpha({step}) of the alpha schedule)")
-        return float(a)
+        return alpha_at(self.alpha, step)
 
     def replay_indices(self, step: int, micro_batch: int = 0) -> list[int]:
         """The ``source_dataset`` indices replayed with micro-batch ``micro_batch`` of optimizer step

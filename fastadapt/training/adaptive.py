@@ -11,7 +11,7 @@ from torch.utils.data import TensorDataset
 
 from fastadapt.ops import alpha_weighted_cross_entropy, alpha_weighted_distillation
 from fastadapt.training.batches import PairedBatches
-from fastadapt.training.config import AdaptiveConfig, check_alpha
+from fastadapt.training.config import AdaptiveConfig, alpha_at
 from fastadapt.training.data import as_dataset, check_labels, feature_shape, tensors_of
 from fastadapt.training.loop import Trainer, ValSet, _logits_f32
 from fastadapt.training.surgery import forget_growth, get_head, load_state
@@ -68,11 +68,7 @@ class AdaptiveTrainer(Trainer):
         return self.config.alpha
 
     def alpha_at(self, step: int) -> float:
-        if not callable(self.config.alpha):
-            return float(self.config.alpha)
-        a = self.config.alpha(step)
-        check_alpha(a, f" (alpha({step}) of the alpha schedule)")
-        return float(a)
+        return alpha_at(self.config.alpha, step)
 
     @property
     def distill_classes(self) -> int:
@@ -113,6 +109,8 @@ class AdaptiveTrainer(Trainer):
         if not cfg.replays:
             return targets, val
         replay, replay_data = source, source_data
+        if cfg.memory_tokens is not None:
+            raise ValueError("memory_tokens sizes a memory of token sequences (LMAdaptiveTrainer); use memory_size")
         if cfg.memory_size is not None:
             if cfg.memory_size > len(source):
                 raise ValueError(f"memory_size={cfg.memory_size} exceeds the {len(source)} samples of source_data")

@@ -31,6 +31,17 @@ def check_alpha(value, where=""):
         raise ValueError(f"alpha must lie in [0, 1], got {value!r}{where}")
 
 
+def alpha_at(alpha, step: int) -> float:
+    """The value of ``alpha`` (a number, or a schedule: a callable of the optimizer step) at ``step``,
+    checked to lie in [0, 1]."""
+    if not callable(alpha):
+        check_alpha(alpha)
+        return float(alpha)
+    a = alpha(step)
+    check_alpha(a, f" (alpha({step}) of the alpha schedule)")
+    return float(a)
+
+
 @dataclasses.dataclass
 class TrainConfig:
     """``optimizer``: "adamw", "adam", "sgd" (PyTorch's fused implementations where the device has
@@ -106,13 +117,16 @@ class AdaptiveConfig(TrainConfig):
     (weighted ``1 - alpha`` each). ``distill_classes``: how many of the head's first classes the
     teacher knows (default: the head's size before its last ``extend_head`` if no fit has trained it
     since, else all; a resumed run keeps its checkpoint's). ``memory_size``: a replay memory of that
-    many class-balanced source samples instead of the whole source stream (None)."""
+    many class-balanced source samples instead of the whole source stream (None); for token sequences
+    (:class:`~fastadapt.training.lm.LMAdaptiveTrainer`) a memory of that many sequences, or with
+    ``memory_tokens`` of as many sequences as hold at most that many predicted tokens."""
 
     alpha: float | Callable = 0.5
     strategy: str = "replay"
     temperature: float = 2.0
     distill_classes: int | None = None
     memory_size: int | None = None
+    memory_tokens: int | None = None
 
     @property
     def distills(self) -> bool:
@@ -124,13 +138,15 @@ class AdaptiveConfig(TrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if callable(self.alpha):
-            check_alpha(self.alpha(0), " (alpha(0) of the alpha schedule)")
-        else:
-            check_alpha(self.alpha)
+        alpha_at(self.alpha, 0)
         m = self.memory_size
         if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
             raise ValueError(f"memory_size must be None or a positive int, got {m!r}")
+        if self.memory_tokens is not None:
+            positive_int("memory_tokens", self.memory_tokens)
+            if m is not None:
+                raise ValueError(f"give memory_size ({m}, sequences) or memory_tokens ({self.memory_tokens}), "
+                                 f"not both")
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {list(STRATEGIES)}, got {self.strategy!r}")
         _positive_number("temperature", self.temperature)

@@ -207,11 +207,28 @@ class _ModelWithLoss(nn.Module):
                               output_head(self.model), alpha, reduction=reduction)
 
 
+def replay_memory(labels, seed, *, sequences=None, tokens=None):
+    """Indices (sorted) of the replay memory among source sequences with these ``(N, T)`` labels: the
+    first ``sequences`` of a permutation seeded by ``seed``, or the longest prefix of it whose sequences
+    hold at most ``tokens`` predicted tokens together."""
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    if sequences is not None:
+        if sequences > len(labels):
+            raise ValueError(f"memory_size={sequences} exceeds the {len(labels)} sequences of source_data")
+        return order[:sequences].sort().values
+    counts = (shift_labels(labels) != IGNORE_INDEX).sum(1)[order].cumsum(0)
+    n = int((counts <= tokens).sum())
+    if n == 0:
+        raise ValueError(f"memory_tokens={tokens} holds no source sequence (the first one of the memory's "
+                         f"order predicts {int(counts[0])} tokens)")
+    return order[:n].sort().values
+
+
 class LMAdaptiveTrainer(AdaptiveTrainer):
     """``fit(target_data, source_data=None, val_data=None, *, epochs, resume_from=None)`` on token
     sequences: each data set an ``(ids, labels)`` pair of ``(N, T)`` int64 tensors (labels unshifted, -100
-    at padding). Each target batch is paired with a batch of replayed source sequences (``memory_size``:
-    a memory of that many source sequences, the first ones of a seeded permutation) and the step's loss
+    at padding). Each target batch is paired with a batch of replayed source sequences (``memory_size``
+    or ``memory_tokens``: a memory of source sequences, see :func:`replay_memory`) and the step's loss
     is :func:`causal_lm_loss`, ``alpha`` weighing the target side (a float or a schedule, as in
     :class:`AdaptiveTrainer`). A constant ``alpha=1`` is naive fine-tuning: the source batches are not
     drawn at all. ``evaluate`` and the History's ``extra`` report nats per predicted token and perplexity;
@@ -260,12 +277,8 @@ class LMAdaptiveTrainer(AdaptiveTrainer):
         targets = TensorBatches(*target, cfg.batch_size, self.device, seed)
         if naive:
             return targets, val
-        if cfg.memory_size is not None:
-            if cfg.memory_size > len(source[0]):
-                raise ValueError(f"memory_size={cfg.memory_size} exceeds the {len(source[0])} sequences of "
-                                 f"source_data")
-            keep = torch.randperm(len(source[0]), generator=torch.Generator().manual_seed(seed))[:cfg.memory_size]
-            keep = keep.sort().values
+        if cfg.memory_size is not None or cfg.memory_tokens is not None:
+            keep = replay_memory(source[1], seed, sequences=cfg.memory_size, tokens=cfg.memory_tokens)
             source = (source[0][keep], source[1][keep])
             self.memory = TensorDataset(*source)
         sources = TensorBatches(*source, min(cfg.batch_size, len(source[0])), self.device, seed)
