@@ -77,6 +77,31 @@ def _trainer(**kw):
     return fastadapt.TransferTrainer(fastadapt.MLP(4, (8,), 3), progress_bar=False, **kw)
 
 
+def _lm(**kw):
+    from fastadapt.training import LMAdaptiveTrainer, TinyCausalLM
+    return LMAdaptiveTrainer(TinyCausalLM(24, d_model=8, n_layers=1, n_heads=2, max_len=8), progress_bar=False,
+                             device="cpu", **kw)
+
+
+def _tokens(n=4, t=8):
+    ids = torch.arange(n * t).view(n, t) % 24
+    return ids, ids.clone()
+
+
+def _hf_llama(**config):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=24, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1, **config)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def _hf_trainer(tmp, **kw):
+    transformers = pytest.importorskip("transformers")
+    from fastadapt.hf import HFAdaptiveTrainer
+    args = transformers.TrainingArguments(tmp, use_cpu=True, report_to=[])
+    return HFAdaptiveTrainer(_hf_llama(), args, **kw)
+
+
 def _fit(X, y, **kw):
     return _trainer().fit((X, y), epochs=1, **kw)
 
@@ -322,6 +347,41 @@ API_CASES = [
     ("adaptive-memory", "AdaptiveTrainer(model, memory_size=0)",
      lambda t: fastadapt.AdaptiveTrainer(fastadapt.MLP(4, (8,), 3), memory_size=0), ValueError,
      "memory_size must be None or a positive int, got 0"),
+    ("trainer-parallel", "TransferTrainer(model, parallel='zero3')", lambda t: _trainer(parallel="zero3"),
+     ValueError, "parallel must be one of ['ddp', 'fsdp'], got 'zero3'"),
+    ("trainer-fsdp-blocks", "TransferTrainer(model, fsdp_blocks=['layers'])",
+     lambda t: _trainer(fsdp_blocks=["layers"]), TypeError, "fsdp_blocks must be None or callable(model) -> modules"),
+    ("trainer-fsdp", "TransferTrainer(model, parallel='fsdp')", lambda t: _trainer(parallel="fsdp"), ValueError,
+     "parallel='fsdp' is not supported by TransferTrainer"),
+    # ---- language models (fastadapt.training.lm)
+    ("lm-no-head", "output_head(nn.ReLU())",
+     lambda t: fastadapt.training.output_head(torch.nn.ReLU()), ValueError, "model (ReLU) declares no output head"),
+    ("lm-memory-both", "LMAdaptiveTrainer(model, memory_size=2, memory_tokens=50)",
+     lambda t: _lm(memory_size=2, memory_tokens=50), ValueError,
+     "give memory_size (2, sequences) or memory_tokens (50), not both"),
+    ("lm-memory-tokens", "memory_tokens=3 with sequences of 7 predicted tokens",
+     lambda t: _lm(memory_tokens=3).fit(_tokens(), _tokens(), epochs=1), ValueError,
+     "memory_tokens=3 holds no source sequence"),
+    ("lm-no-source", "LMAdaptiveTrainer(model, alpha=0.5).fit(target) without source",
+     lambda t: _lm(alpha=0.5).fit(_tokens(), epochs=1), ValueError,
+     "alpha=0.5 weighs replayed source sequences: pass source_data (or alpha=1 for naive fine-tuning)"),
+    ("lm-strategy", "LMAdaptiveTrainer(model, strategy='lwf').fit(...)",
+     lambda t: _lm(strategy="lwf").fit(_tokens(), epochs=1), ValueError,
+     "LMAdaptiveTrainer supports strategy='replay' only, got 'lwf'"),
+    ("lm-data-dtype", "float token ids", lambda t: _lm(alpha=1.0).fit((_tokens()[0].float(), _tokens()[1]), epochs=1),
+     ValueError, "target_data: ids and labels must be int64 tensors of one (N, T) shape"),
+    ("lm-lengths", "source sequences of 6 tokens, target of 8",
+     lambda t: _lm().fit(_tokens(), _tokens(t=6), epochs=1), ValueError,
+     "source sequences have 6 tokens, target 8: pack both to one length"),
+    ("lm-too-long", "16-token sequences for TinyCausalLM(max_len=8)",
+     lambda t: _lm(alpha=1.0).fit(_tokens(t=16), epochs=1), ValueError, "sequences of 16 tokens exceed max_len=8"),
+    # ---- Hugging Face integration (fastadapt.hf)
+    ("hf-no-source", "HFAdaptiveTrainer(model, args, alpha=0.5) without source_dataset",
+     lambda t: _hf_trainer(t, train_dataset=[{"input_ids": [1, 2], "labels": [1, 2]}]), ValueError,
+     "alpha=0.5 weighs replayed source sequences: pass source_dataset"),
+    ("hf-logit-scale", "apply_fused_linear_cross_entropy on a model with config.logits_scaling",
+     lambda t: __import__("fastadapt.hf").hf.apply_fused_linear_cross_entropy(_hf_llama(logits_scaling=2.0)),
+     ValueError, "has config.logits_scaling=2.0"),
     ("checkpoint-every", "ModelCheckpoint(dir, every_n_epochs=0)",
      lambda t: fastadapt.ModelCheckpoint(t, every_n_epochs=0), ValueError,
      "every_n_epochs must be a positive int, got 0"),

@@ -261,7 +261,8 @@ class LMAdaptiveTrainer(AdaptiveTrainer):
         source = None if source_data is None else _token_pairs(source_data, "source_data")
         naive = not callable(cfg.alpha) and float(cfg.alpha) == 1.0
         if source is None and not naive:
-            raise ValueError("alpha < 1 weighs replayed source sequences: pass source_data (or alpha=1)")
+            raise ValueError(f"alpha={cfg.alpha!r} weighs replayed source sequences: pass source_data (or alpha=1 "
+                             f"for naive fine-tuning)")
         if source is not None and source[0].shape[1] != target[0].shape[1]:
             raise ValueError(f"source sequences have {source[0].shape[1]} tokens, target {target[0].shape[1]}: "
                              f"pack both to one length")
