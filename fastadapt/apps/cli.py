@@ -82,7 +82,7 @@ def _cmd_demo_lm(args) -> int:
     data, seconds = demo_lm.corpus(cfg)
     from fastadapt.apps.lm_workflows import check_memory
 
-    check_memory(cfg, data, "--source (the prose)")
+    check_memory(cfg, data, "the prose")
     runs.start(args)
     command = " ".join(["fastadapt", args.command] + args.argv)
     say = (lambda *a: None) if args.quiet else print

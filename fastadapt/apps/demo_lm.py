@@ -125,7 +125,8 @@ def _ms(v, pct=False):
 
 
 def _summary_rows(summary):
-    head = ["method", "prose ppl before", "prose ppl after", "forgetting", "code ppl after", "vs naive", "seconds"]
+    src, tgt = NAMES["source"], NAMES["target"]
+    head = ["method", f"{src} ppl before", f"{src} ppl after", "forgetting", f"{tgt} ppl after", "vs naive", "seconds"]
     rows = [[m, _ms(v["source_ppl_before"]), _ms(v["source_ppl_after"]), _ms(v["forgetting_ppl"], True),
              _ms(v["target_ppl_after"]), _ms(v["target_ppl_vs_naive"], True) if m != "naive (alpha=1)" else "",
              _ms(v["seconds"])] for m, v in summary["methods"].items()]

@@ -43,7 +43,7 @@ class LMRunConfig:
     heads: int = 4
     batch_size: int = 32
     lr: float = 5e-3
-    adapt_lr: float = 1e-3
+    adapt_lr: float = 3e-3
     pretrain_steps: int = 300
     steps: int = 100
     eval_every: int = 20
@@ -74,11 +74,12 @@ def check_text(corpus: lm_data.LMCorpus, side: str, arg: str, spec) -> None:
                          f"it needs one training sequence of --seq-len {corpus.seq_len} tokens and 2 held-out tokens")
 
 
-def check_memory(cfg: LMRunConfig, corpus: lm_data.LMCorpus, arg="--source"):
+def check_memory(cfg: LMRunConfig, corpus: lm_data.LMCorpus, source: str = "--source"):
+    """--memory-size against the training sequences of the source (``source`` names it)."""
     available = len(corpus.splits["source"]["train"][0])
     if cfg.memory_size is not None and cfg.memory_size > available:
         raise ValueError(f"--memory-size {cfg.memory_size} is more than the {available} training sequences of "
-                         f"{arg}; pass at most {available}, or 0 for all of them")
+                         f"{source}; pass at most {available}, or 0 for all of them")
 
 
 def describe(corpus: lm_data.LMCorpus, names: dict) -> dict:
@@ -322,9 +323,12 @@ def table_rows(report: dict) -> tuple[list, list]:
 
 
 def format_table(head, rows) -> str:
+    """Plain-text columns: the first left-aligned, the numbers right-aligned."""
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
-    line = lambda cells: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)  # noqa: E731
-                                   for i, (c, w) in enumerate(zip(cells, widths)))
+
+    def line(cells):
+        return "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
     return "\n".join([line(head), "-" * len(line(head))] + [line(r) for r in rows])
 
 
