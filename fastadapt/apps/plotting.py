@@ -60,11 +60,12 @@ def write_lm_plot(folder, report) -> str:
     for ax, side in zip(axes[1:], ("source", "target")):
         ax.set_title(f"adapting to {names['target']}: {names[side]} perplexity")
         ax.legend(fontsize=8)
-    plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
     for ax in axes:
         ax.set_yscale("log")
-        ax.yaxis.set_major_formatter(plain)
-        ax.yaxis.set_minor_formatter(plain)
+        # labelled ticks at 1, 1.5, 2, 3, 5, 7 x 10^k: a log axis's default labels only powers of ten
+        ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1, 1.5, 2, 3, 5, 7)))
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3, which="both")
     axes[0].set_ylabel("validation perplexity (log scale)")
