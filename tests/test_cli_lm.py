@@ -5,6 +5,7 @@ import math
 import os
 import shlex
 import signal
+import sys
 
 import pytest
 import torch
@@ -182,6 +183,8 @@ def test_unusable_text_is_refused_naming_the_path(tmp_path, texts, capsys, monke
         _bad(argv + good, capsys, message, out)
     _bad(["--source", str(src), "--target", str(tgt), p("nul.txt")], capsys,
          f"--target {p('nul.txt')!r} is not a text file: it holds a NUL byte (at byte 4)", out)
+    _bad(["--source", str(src), "--target", str(tgt), "--alpha", "1,0.5,1"], capsys, "--alpha names 1 more than once",
+         out)
     n = len(_corpus(src, tgt).splits["source"]["train"][0])
     _bad(["--source", str(src), "--target", str(tgt), "--memory-size", "100000"], capsys,
          f"--memory-size 100000 is more than the {n} training sequences of --source; pass at most {n}, or 0 for all "
@@ -223,7 +226,9 @@ def _check_report(report, steps=4, eval_every=2):
     naive = next(r for r in rows if r["alpha"] == 1.0)
     for r in rows:
         assert math.isclose(r["target_ppl_vs_naive"], r["target_ppl_after"] / naive["target_ppl_after"] - 1)
-    assert report["python"] == __import__("sys").version and report["torch"] == torch.__version__
+    assert report["python"] == sys.version and report["torch"] == torch.__version__ and report["threads"] == 1
+    assert set(report["load_average"]) == {"start", "end"}
+    assert math.isclose(report["seconds"]["total"], max(report["seconds"].values()))
 
 
 def _comparable(out):

@@ -99,6 +99,9 @@ def _cmd_adapt_lm(args) -> int:
 
     from fastadapt.apps import lm_data, lm_workflows, runs, text_files
 
+    twice = sorted({a for a in args.alpha if args.alpha.count(a) > 1})
+    if twice:
+        raise ValueError(f"--alpha names {', '.join(f'{a:g}' for a in twice)} more than once")
     cfg = _lm_config(args)
     _check_run(args)
     _set_threads(args)

@@ -282,7 +282,7 @@ def run(corpus: lm_data.LMCorpus, names: dict, alphas, cfg: LMRunConfig, *, comm
         say=print) -> dict:
     """Pretrain, adapt once per alpha; the tokenizer, the models and checkpoints in ``cfg.output``.
     Returns the report (:func:`write_report` writes it)."""
-    start = time.perf_counter()
+    start, load = time.perf_counter(), _load()
     os.makedirs(cfg.output, exist_ok=True)
     if dist.is_main():
         corpus.tokenizer.save(os.path.join(cfg.output, "tokenizer.json"))
@@ -293,11 +293,21 @@ def run(corpus: lm_data.LMCorpus, names: dict, alphas, cfg: LMRunConfig, *, comm
     compare(rows)
     model = new_model(corpus.vocab_size, cfg)
     return {"command": command, "python": sys.version, "torch": torch.__version__, "fastadapt": __version__,
-            "seed": cfg.seed, "data": describe(corpus, names),
+            "seed": cfg.seed, "threads": torch.get_num_threads(), "load_average": {"start": load, "end": _load()},
+            "data": describe(corpus, names),
             "model": {**model.config(), "parameters": sum(p.numel() for p in model.parameters())},
             "config": {k: v for k, v in vars(cfg).items() if k != "output"}, "pretrain": pre, "adapt": rows,
             "seconds": {"data": data_seconds, "pretrain": pre["seconds"], **{r["method"]: r["seconds"] for r in rows},
                         "total": data_seconds + time.perf_counter() - start}}
+
+
+def _load():
+    """The 1-minute load average (None where the platform has none): the times depend on it, on a shared
+    machine more than on anything else."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
 
 
 # ---- the report --------------------------------------------------------------------------------
@@ -358,7 +368,9 @@ def markdown(report: dict, table: str, notes=()) -> str:
              f"(nats/token) on the held-out text; forgetting: the source perplexity's change; vs naive: the "
              f"target perplexity against naive fine-tuning's.", "", table, ""]
     lines += list(notes)
-    lines += [f"Seconds: {', '.join(f'{k} {v:.1f}' for k, v in report['seconds'].items())}.", ""]
+    load = report["load_average"]
+    lines += [f"Seconds: {', '.join(f'{k} {v:.1f}' for k, v in report['seconds'].items())}; {report['threads']} "
+              f"torch threads, 1-minute load average {load['start']} at the start, {load['end']} at the end.", ""]
     return "\n".join(lines)
 
 
