@@ -289,7 +289,7 @@ def test_version_and_every_default_in_help(capsys):
     assert capsys.readouterr().out == f"fastadapt {version}\n"
     parser = cli.build_parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
-    assert set(commands) == {"info", "bench", "demo", "transfer", "adapt", "predict"}
+    assert set(commands) == {"info", "bench", "demo", "demo-lm", "transfer", "adapt", "adapt-lm", "predict"}
     for name, sub in commands.items():
         text = " ".join(sub.format_help().split())
         for action in sub._actions:

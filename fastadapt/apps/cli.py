@@ -1,8 +1,11 @@
 """Command-line interface: ``python -m fastadapt <command>`` (also the ``fastadapt`` console script).
 
   demo      digits, class- and domain-incremental: transfer and adapt, print tables, write reports + plots
+  demo-lm   a small language model pretrained on English prose, adapted to Python code (text shipped with
+            Python): naive fine-tuning vs alpha=0.5 with replay, perplexity table and plot
   transfer  the transfer workflow on your data (frozen / finetune / scratch)
   adapt     the adaptive workflow on your data (alpha-weighted loss; replay memory or distillation)
+  adapt-lm  demo-lm on your own text files: pretrain on --source, adapt to --target
   predict   labels (and accuracy) of a model saved by transfer or adapt on raw data
   info      build information
   bench     quick benchmark of the fused kernels against eager PyTorch
@@ -55,6 +58,78 @@ def _cmd_demo(args) -> int:
                  scenarios=scenarios)
     runs.finish(args)
     return 0
+
+
+def _lm_config(args):
+    """The LM commands' configuration, its flags checked against each other (before any work)."""
+    from fastadapt.apps.lm_workflows import LMRunConfig
+
+    cfg = LMRunConfig(output=args.output, vocab_size=args.vocab_size, seq_len=args.seq_len, d_model=args.d_model,
+                      layers=args.layers, heads=args.heads, batch_size=args.batch_size, lr=args.lr,
+                      adapt_lr=args.adapt_lr, pretrain_steps=args.pretrain_steps, steps=args.steps,
+                      eval_every=args.eval_every, memory_size=args.memory_size or None, seed=args.seed,
+                      device=args.device, quiet=args.quiet, resume=args.resume)
+    cfg.check()
+    return cfg
+
+
+def _cmd_demo_lm(args) -> int:
+    from fastadapt.apps import demo_lm, runs
+
+    cfg = _lm_config(args)
+    _check_run(args)
+    _set_threads(args)
+    data, seconds = demo_lm.corpus(cfg)
+    from fastadapt.apps.lm_workflows import check_memory
+
+    check_memory(cfg, data, "the prose")
+    runs.start(args)
+    command = " ".join(["fastadapt", args.command] + args.argv)
+    say = (lambda *a: None) if args.quiet else print
+    if args.seeds:
+        demo_lm.run_seeds(data, seconds, cfg, args.seeds, command=command, say=say)
+    else:
+        demo_lm.run(data, seconds, cfg, command=command, say=say)
+    runs.finish(args)
+    return 0
+
+
+def _cmd_adapt_lm(args) -> int:
+    import time
+
+    from fastadapt.apps import lm_data, lm_workflows, runs, text_files
+
+    twice = sorted({a for a in args.alpha if args.alpha.count(a) > 1})
+    if twice:
+        raise ValueError(f"--alpha names {', '.join(f'{a:g}' for a in twice)} more than once")
+    cfg = _lm_config(args)
+    _check_run(args)
+    _set_threads(args)
+    start = time.perf_counter()
+    paths = {"source": args.source, "target": args.target}
+    read = {side: text_files.read_documents(paths[side], f"--{side}", args.glob) for side in paths}
+    data = lm_data.corpus_from_documents({side: docs for side, (docs, _) in read.items()}, cfg.seq_len,
+                                         cfg.vocab_size)
+    for side in paths:
+        lm_workflows.check_text(data, side, f"--{side}", _paths(paths[side]))
+    lm_workflows.check_memory(cfg, data)
+    seconds = time.perf_counter() - start
+    runs.start(args)
+    say = (lambda *a: None) if args.quiet else print
+    report = lm_workflows.run(data, {"source": "source", "target": "target"}, args.alpha, cfg,
+                              command=" ".join(["fastadapt", args.command] + args.argv), data_seconds=seconds, say=say)
+    for side in paths:
+        report["data"][side].update(paths=paths[side], glob=args.glob, **read[side][1])
+    say(lm_workflows.format_table(*lm_workflows.table_rows(report)))
+    rp, md, pp = lm_workflows.write_report(report, cfg.output)
+    runs.finish(args)
+    say(f"report: {rp} ({os.path.basename(md)})\nplot:   {pp}\nmodels: {os.path.join(cfg.output, 'models')} "
+        f"(tokenizer: {os.path.join(cfg.output, 'tokenizer.json')})\ncheckpoints: {os.path.join(cfg.output, 'runs')}")
+    return 0
+
+
+def _paths(paths) -> str:
+    return repr(paths[0]) if len(paths) == 1 else repr(list(paths))
 
 
 def _check_run(args):
@@ -227,6 +302,48 @@ def _methods(text):
     return vals
 
 
+def _default_glob() -> str:
+    from fastadapt.apps.text_files import DEFAULT_GLOB
+
+    return DEFAULT_GLOB
+
+
+def _glob(text):
+    from fastadapt.apps.text_files import patterns
+
+    try:
+        patterns(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated file name patterns such as '*.txt,*.md', "
+                                         f"got {text!r}") from None
+    return text
+
+
+def _lm_options(p):
+    """The language-model commands' model and training options; defaults from LMRunConfig."""
+    from fastadapt.apps.lm_workflows import LMRunConfig as D
+
+    p.add_argument("--vocab-size", type=_positive_int, default=D.vocab_size,
+                   help="byte-level BPE vocabulary, trained on the training text of both domains")
+    p.add_argument("--seq-len", type=_bounded(int, lambda v: v >= 2, "an integer >= 2"), default=D.seq_len,
+                   help="tokens per training sequence")
+    p.add_argument("--d-model", type=_positive_int, default=D.d_model, help="transformer width")
+    p.add_argument("--layers", type=_positive_int, default=D.layers, help="transformer blocks")
+    p.add_argument("--heads", type=_positive_int, default=D.heads, help="attention heads (dividing --d-model)")
+    p.add_argument("--batch-size", type=_positive_int, default=D.batch_size,
+                   help="sequences per step (with replay, as many source sequences again)")
+    p.add_argument("--lr", type=_positive_float, default=D.lr, help="peak learning rate of pretraining (AdamW)")
+    p.add_argument("--adapt-lr", type=_positive_float, default=D.adapt_lr, help="peak learning rate of adaptation")
+    p.add_argument("--pretrain-steps", type=_positive_int, default=D.pretrain_steps,
+                   help="optimizer steps of pretraining on the source")
+    p.add_argument("--steps", type=_positive_int, default=D.steps, help="optimizer steps of each adaptation")
+    p.add_argument("--eval-every", type=_positive_int, default=D.eval_every,
+                   help="steps between evaluations of the validation sets (and checkpoints); --steps and "
+                        "--pretrain-steps must be multiples of it")
+    p.add_argument("--memory-size", type=_non_negative_int, default=None,
+                   help="replay memory: this many source training sequences; 0 = all (default: all)")
+
+
 def _common(p, output, epochs):
     p.add_argument("--output", "-o", default=output, help="output folder")
     p.add_argument("--seed", type=int, default=0, help="seed of the splits, the initialisation and the batches")
@@ -285,6 +402,28 @@ def build_parser() -> argparse.ArgumentParser:
                         "with permuted pixels; all: both")
     p.set_defaults(fn=_cmd_demo)
 
+    p = command("demo-lm", help="a small language model: prose -> Python code, naive fine-tuning vs replay "
+                                "(text shipped with Python; about 2 minutes on 2 cores)")
+    _common(p, os.path.join("fastadapt_out", "demo-lm"), None)
+    p.add_argument("--seeds", type=_seed_list, default=None,
+                   help="run once per seed (e.g. 0,1,2) and print mean ± std (default: --seed alone)")
+    _lm_options(p)
+    p.set_defaults(fn=_cmd_demo_lm)
+
+    p = command("adapt-lm", help="pretrain a small language model on --source text, adapt it to --target text")
+    _common(p, os.path.join("fastadapt_out", "adapt-lm"), None)
+    p.add_argument("--source", nargs="+", required=True, metavar="PATH",
+                   help="text files and folders (searched recursively for --glob) of the pretraining domain, "
+                        "read as UTF-8")
+    p.add_argument("--target", nargs="+", required=True, metavar="PATH", help="as --source, the new domain")
+    p.add_argument("--glob", type=_glob, default=_default_glob(),
+                   help="comma-separated file name patterns that folders are searched for; files named "
+                        "directly are read whatever their name")
+    p.add_argument("--alpha", type=_alphas, default="1,0.5",
+                   help="one adaptation per alpha: 1 = naive fine-tuning, below 1 with replayed source sequences")
+    _lm_options(p)
+    p.set_defaults(fn=_cmd_adapt_lm)
+
     p = command("transfer", help="pretrain on --source, transfer to --target")
     _common(p, os.path.join("fastadapt_out", "transfer"), 30)
     p.add_argument("--methods", type=_methods, default="frozen,finetune,scratch",
@@ -334,7 +473,7 @@ def main(argv=None) -> int:
         return 2
 
 
-_TRAINING = ("demo", "transfer", "adapt")
+_TRAINING = ("demo", "transfer", "adapt", "demo-lm", "adapt-lm")
 
 
 def _run(args) -> int:

@@ -120,10 +120,11 @@ def pack(encoded: list[list[int]], seq_len: int, pad_id: int) -> tuple[torch.Ten
 
 @dataclasses.dataclass
 class LMCorpus:
-    """The two domains, tokenized and packed: ``splits[domain][split] = (ids, labels)``."""
+    """The domains, tokenized and packed: ``splits[domain][split] = (ids, labels)``."""
     tokenizer: object
     seq_len: int
     splits: dict
+    documents: dict = dataclasses.field(default_factory=dict)  # {domain: {split: number of documents}}
 
     @property
     def vocab_size(self) -> int:
@@ -136,9 +137,19 @@ class LMCorpus:
 
 def build_corpus(seq_len: int = 128, vocab_size: int = 4096, domains=DOMAINS) -> LMCorpus:
     """Read, split, train the tokenizer on the training documents of every domain, encode and pack."""
-    docs = {d: split(documents(d)) for d in domains}
-    tok = train_tokenizer([t for d in domains for t in docs[d][0]], vocab_size)
+    return corpus_from_documents({d: documents(d) for d in domains}, seq_len, vocab_size)
+
+
+def corpus_from_documents(domains: dict, seq_len: int = 128, vocab_size: int = 4096) -> LMCorpus:
+    """:func:`build_corpus` of given documents: ``{domain name: [document, ...]}``."""
+    docs = {d: split(texts) for d, texts in domains.items()}
+    tok = train_tokenizer([t for d in docs for t in docs[d][0]], vocab_size)
     pad = tok.token_to_id(PAD)
     splits = {d: {name: pack(encode(tok, part), seq_len, pad) for name, part in zip(("train", "val"), docs[d])}
-              for d in domains}
-    return LMCorpus(tok, seq_len, splits)
+              for d in docs}
+    return LMCorpus(tok, seq_len, splits, {d: {"train": len(docs[d][0]), "val": len(docs[d][1])} for d in docs})
+
+
+def tokens(pair) -> int:
+    """The real (not padding) tokens of packed ``(ids, labels)``."""
+    return int((pair[1] != IGNORE_INDEX).sum())

@@ -153,13 +153,13 @@ def _write(args, finished: bool):
 
 
 def _run_folders(output: str) -> list[str]:
-    """The folders a run writes models and checkpoints in: ``output``, or the demo's folder per scenario
-    (and per seed); nothing deeper, where a user's own files may lie."""
+    """The folders a run writes models and checkpoints in: ``output``, the demo's folder per scenario
+    (and per seed), demo-lm's per seed; nothing deeper, where a user's own files may lie."""
     from fastadapt.apps.demo import SCENARIOS
 
     root = glob.escape(output)
-    return [output] + [p for s in SCENARIOS for pattern in (s, os.path.join("seed*", s))
-                       for p in glob.glob(os.path.join(root, pattern))]
+    return [output] + [p for pattern in ("seed*", *SCENARIOS, *(os.path.join("seed*", s) for s in SCENARIOS))
+                       for p in glob.glob(os.path.join(root, pattern)) if os.path.isdir(p)]
 
 
 def _checkpoints(output: str) -> list[str]:
@@ -216,18 +216,24 @@ def interrupted_message(args, signum: int) -> str:
     if not started:
         return f"{head} before training started; nothing to resume"
     last = last_checkpoint(args.output)
-    where = f"the last checkpoint is {last[0]} (epoch {last[1]})" if last else "no checkpoint was written yet"
+    # the language-model commands train in optimizer steps (their epochs are rounds of --eval-every steps)
+    at = (f"step {last[2]}" if args.command in STEP_COMMANDS else f"epoch {last[1]}") if last else ""
+    where = f"the last checkpoint is {last[0]} ({at})" if last else "no checkpoint was written yet"
     return f"{head}; {where}; continue with: {resume_command(args)}"
 
 
-def last_checkpoint(output: str) -> tuple[str, int] | None:
-    """(folder, epoch) of the newest trainer checkpoint under ``output``, None when there is none."""
+STEP_COMMANDS = ("demo-lm", "adapt-lm")
+
+
+def last_checkpoint(output: str) -> tuple[str, int, int] | None:
+    """(folder, epoch, optimizer step) of the newest trainer checkpoint under ``output``, None when there
+    is none."""
     folders = _checkpoints(output)
     if not folders:
         return None
     newest = max(folders, key=lambda f: os.path.getmtime(os.path.join(f, ckpt.STATE)))
     _, state = ckpt.load_checkpoint(newest)  # also completes a save the signal stopped at its last rename
-    return newest, int(state["epoch"])
+    return newest, int(state["epoch"]), int(state["global_step"])
 
 
 def resume_command(args) -> str:

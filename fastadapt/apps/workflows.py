@@ -143,7 +143,7 @@ def _trainer_kwargs(cfg: RunConfig, run_dir: str):
                 progress_bar=False if cfg.quiet else None, callbacks=cbs)
 
 
-def _resume_path(cfg, run_dir):
+def resume_path(cfg, run_dir):
     last = os.path.join(run_dir, "last")
     return last if cfg.resume and os.path.isfile(os.path.join(last, ckpt.STATE)) else None
 
@@ -159,7 +159,7 @@ def pretrain(task: Task, cfg: RunConfig) -> tuple[str, dict]:
     run_dir = os.path.join(cfg.output, "runs", "pretrain")
     trainer = TransferTrainer(model, **_trainer_kwargs(cfg, run_dir))
     hist = trainer.fit(task.source_train, task.source_test, epochs=cfg.pretrain_epochs,
-                       resume_from=_resume_path(cfg, run_dir))
+                       resume_from=resume_path(cfg, run_dir))
     save_model(model, task.source_classes, task, path)
     dist.barrier()  # the other ranks read it next
     return path, {"method": "pretrain", "source_acc": hist.target_acc, "seconds": hist.seconds,
@@ -188,7 +188,7 @@ def transfer(task: Task, pretrained: str, method: str, cfg: RunConfig, shots: in
         model = replace_head(copy.deepcopy(source_model), len(task.target_classes))
     run_dir = os.path.join(cfg.output, "runs", method)
     trainer = TransferTrainer(model, freeze_backbone=method == "frozen", **_trainer_kwargs(cfg, run_dir))
-    hist = trainer.fit(train, test, epochs=cfg.transfer_epochs, resume_from=_resume_path(cfg, run_dir))
+    hist = trainer.fit(train, test, epochs=cfg.transfer_epochs, resume_from=resume_path(cfg, run_dir))
     row = {"method": method, "target_acc": hist.target_acc, "seconds": hist.seconds,
            "train_samples": len(yt), "history": hist.history,
            "model": save_model(model, task.target_classes, task, _model_path(cfg, method))}
@@ -230,12 +230,12 @@ def adapt(task: Task, pretrained: str, alpha: float, memory_size: int | None, cf
     new = len([c for c in task.target_classes if c not in task.source_classes])
     if new:
         extend_head(model, new)
-    run_dir = os.path.join(cfg.output, "runs", _slug(name))
+    run_dir = os.path.join(cfg.output, "runs", slug(name))
     trainer = AdaptiveTrainer(model, alpha=alpha, strategy=strategy, temperature=temperature,
                               memory_size=memory_size if replays else None, **_trainer_kwargs(cfg, run_dir))
     hist = trainer.fit(task.target_train, task.source_train if replays else None,
                        {"source": task.source_test, "target": task.target_test}, epochs=cfg.epochs,
-                       resume_from=_resume_path(cfg, run_dir))
+                       resume_from=resume_path(cfg, run_dir))
     return {"method": name, "alpha": alpha, "strategy": strategy, "memory_size": memory_size if replays else None,
             "temperature": temperature if strategy != "replay" else None,
             "source_acc_before": hist.source_acc_before, "source_acc_after": hist.source_acc_after,
@@ -245,7 +245,7 @@ def adapt(task: Task, pretrained: str, alpha: float, memory_size: int | None, cf
 
 
 def _model_path(cfg: RunConfig, name: str) -> str:
-    return os.path.join(cfg.output, "models", f"{_slug(name)}.safetensors")
+    return os.path.join(cfg.output, "models", f"{slug(name)}.safetensors")
 
 
 def save_model(model: MLP, classes: list, task: Task, path: str) -> str:
@@ -299,7 +299,7 @@ def write_predictions(path: str, labels: list) -> None:
     ckpt.atomic_write(path, write)
 
 
-def _slug(name):
+def slug(name):
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
