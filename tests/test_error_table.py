@@ -507,6 +507,18 @@ CLI_CASES = [
      "fastadapt predict: error: --model: weights file not found: '{tmp}/none.safetensors'"),
     ("cli-predict-output", ["predict", "--model", "{tmp}/none.safetensors", "--data", "{tmp}/f3.npz", "-o", "{tmp}"],
      "fastadapt predict: error: --output '{tmp}' is a folder; name the file to write"),
+    ("adapt-lm-missing", ["adapt-lm", "--source", "{tmp}/none.txt", "--target", "{tmp}/prose.txt"],
+     "--source '{tmp}/none.txt' does not exist"),
+    ("adapt-lm-empty", ["adapt-lm", "--source", "{tmp}/empty.txt", "--target", "{tmp}/prose.txt"],
+     "--source '{tmp}/empty.txt' is empty"),
+    ("adapt-lm-binary", ["adapt-lm", "--source", "{tmp}/prose.txt", "--target", "{tmp}/nul.txt"],
+     "--target '{tmp}/nul.txt' is not a text file: it holds a NUL byte (at byte 4)"),
+    ("adapt-lm-encoding", ["adapt-lm", "--source", "{tmp}/latin1.txt", "--target", "{tmp}/prose.txt"],
+     "--source '{tmp}/latin1.txt' is not UTF-8 text: byte 0xe9 at byte 3"),
+    ("adapt-lm-no-files", ["adapt-lm", "--source", "{tmp}/nothing", "--target", "{tmp}/prose.txt"],
+     "--source '{tmp}/nothing': no file matching *.txt,*.md,*.rst,*.py in it"),
+    ("adapt-lm-too-little", ["adapt-lm", "--source", "{tmp}/prose.txt", "--target", "{tmp}/prose.txt"],
+     "--source '{tmp}/prose.txt': too little text"),
 ]
 
 
@@ -524,6 +536,12 @@ def _cli_files(tmp):
     X = g.normal(size=(8, 3))
     X[2, 1] = np.nan
     _npz(tmp, "nan.npz", X=X, y=np.arange(8) % 2)
+    _write(os.path.join(tmp, "empty.txt"), b"")
+    _write(os.path.join(tmp, "nul.txt"), b"text\0more")
+    _write(os.path.join(tmp, "latin1.txt"), "caf\xe9\n".encode("latin-1"))
+    _write(os.path.join(tmp, "prose.txt"), b"Some prose.\n")
+    os.makedirs(os.path.join(tmp, "nothing"), exist_ok=True)
+    _write(os.path.join(tmp, "nothing", "data.bin"), b"\x01\x02")
 
 
 @pytest.mark.parametrize("backend", ["compiled", "fallback"])
