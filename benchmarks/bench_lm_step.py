@@ -16,8 +16,10 @@ variant:
   gemm_floor:   the step's GEMMs alone (every mm/addmm/bmm of one hf_concat forward + backward, recorded and
                 replayed on fresh tensors of the same shapes, strides and dtypes): the floor of the step.
 
-    python benchmarks/bench_lm_step.py --interleaved llama 32000 float32      # the tables in BENCHMARKS.md
-    python benchmarks/bench_lm_step.py --interleaved llama 32000 bfloat16 --memory
+    python benchmarks/bench_lm_step.py --interleaved llama 32000 float32 --memory --threads 1   # BENCHMARKS.md
+    python benchmarks/bench_lm_step.py --interleaved llama 128256 float32 --impls fastadapt hf_compile \
+        --chunk-sizes 64 128 --threads 1          # fastadapt@64, fastadapt@128: other chunk_size values
+    python benchmarks/bench_lm_step.py --interleaved llama 32000 bfloat16 --profile --threads 1
     pytest benchmarks/bench_lm_step.py --benchmark-disable    # smoke: tiny model, values against hf_per_side
     BENCH_LM_STEP_LARGE=1 pytest benchmarks/bench_lm_step.py --benchmark-only
 
@@ -28,7 +30,10 @@ median of the per-round tokens/s ratios fastadapt / that variant, and the fracti
 ``--memory`` adds each variant's peak memory of one step in a fresh process (common.peak_extra_memory:
 the resident high-water mark of a warm step above the memory resident when it began, so model,
 optimizer state and inputs are excluded and the step's gradients are included, alike for every variant).
-bf16 runs the forward and the loss under ``torch.autocast("cpu", torch.bfloat16)``, the model in float32.
+``--profile`` prints instead where each variant's step time goes (torch.profiler's self CPU time by
+kind of op). bf16 runs the forward and the loss under ``torch.autocast("cpu", torch.bfloat16)``, the
+model in float32. On a loaded shared machine ``--threads 1`` is the setting to compare with: two
+threads whose peer is descheduled stall at every parallel region (BENCHMARKS.md, issue 14).
 """
 import argparse
 import math
@@ -81,30 +86,33 @@ def batches(vocab, batch, seq, **_):
 
 
 def loss_fn(impl, model, smoke=False):
-    """fn(source_ids, target_ids) -> the step's loss, for one of IMPLS."""
+    """fn(source_ids, target_ids) -> the step's loss, for one of IMPLS; ``fastadapt@N`` (and
+    ``fastadapt_compile@N``) is fastadapt with ``chunk_size=N`` instead of the op's default."""
     from fastadapt.training import HiddenStates, causal_lm_loss, output_head
 
     vocab = model.config.vocab_size
-    if impl in COMPILED:
-        return fresh_compile(loss_fn(COMPILED[impl], model), smoke=smoke)
-    if impl == "hf_per_side":
+    name, _, chunk = impl.partition("@")
+    if name in COMPILED:
+        return fresh_compile(loss_fn(COMPILED[name] + impl[len(name):], model), smoke=smoke)
+    if name == "hf_per_side" and not chunk:
         return lambda s, t: ALPHA * model(input_ids=t, labels=t).loss + (1 - ALPHA) * model(input_ids=s, labels=s).loss
-    if impl == "hf_concat":
+    if name == "hf_concat" and not chunk:
         def hf_concat(s, t):
             logits = model(input_ids=torch.cat([s, t])).logits
             b = len(s)
             return (ALPHA * model.loss_function(logits[b:], t, vocab)
                     + (1 - ALPHA) * model.loss_function(logits[:b], s, vocab))
         return hf_concat
-    if impl == "fastadapt":
+    if name == "fastadapt":
         body, head = HiddenStates(model), output_head(model)
+        options = {"chunk_size": int(chunk)} if chunk else {}
 
         def fused(s, t):
             hidden = body(torch.cat([s, t]))
             b = len(s)
-            return causal_lm_loss(hidden[:b], s, hidden[b:], t, head, ALPHA)
+            return causal_lm_loss(hidden[:b], s, hidden[b:], t, head, ALPHA, **options)
         return fused
-    raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    raise ValueError(f"impl must be one of {IMPLS} (fastadapt ones with an optional @chunk_size), got {impl!r}")
 
 
 class Case:
@@ -249,13 +257,60 @@ def interleaved(arch, vocab, dtype, impls=IMPLS, rounds=5, memory=False, size=No
         if memory and k != "gemm_floor":
             row["peak_MB"] = peak_step_bytes(k, arch, vocab, dtype) / 2 ** 20
         out[k] = row
-        log(f"  {k:17s} {med:6.3f} s (CPU {row['cpu_s']:6.2f} s) {row['tokens_per_s']:6.0f} tok/s "
+        log(f"  {k:21s} {med:6.3f} s (CPU {row['cpu_s']:6.2f} s) {row['tokens_per_s']:6.0f} tok/s "
             f"{row['tokens_per_cpu_s']:6.0f} tok/CPU-s "
             f"{row['GFLOPs']:5.1f} GFLOP/s floor/time {row['of_floor']:.2f} (CPU {row['of_floor_cpu']:.2f})"
             + "".join(f" | {f}/this {row[f + '_speedup']:.2f} (CPU {row[f + '_cpu_speedup']:.2f})" for f in fused)
             + (f" | peak {row['peak_MB']:.0f} MB" if "peak_MB" in row else ""))
     log(f"  load {os.getloadavg()[0]:.2f} at end")
     return out
+
+
+def _category(op):
+    """The profiler's op name -> the bucket the step's time is reported in."""
+    if op in ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm"):
+        return "GEMM"
+    if "flash_attention" in op:
+        return "attention (flash)"
+    if "fused_adamw" in op:
+        return "AdamW"
+    if op.startswith("fastadapt::"):
+        return "fused op's own (row pass, ...)"
+    if "softmax" in op or "nll_loss" in op:
+        return "log_softmax + nll"
+    if "CompiledFxGraph" in op:
+        return "inductor kernels"
+    if op in ("aten::fill_", "aten::zero_"):
+        return "fill/zero"
+    if op in ("aten::copy_", "aten::_to_copy"):
+        return "copy/cast"
+    return "other ops"
+
+
+def profile_breakdown(arch, vocab, dtype, impls=IMPLS, steps=3, size=None, log=print):
+    """Where a step's time goes: torch.profiler's self CPU time of one step by bucket (_category), the
+    median over `steps` profiled steps after two warm ones."""
+    from torch.profiler import ProfilerActivity, profile
+
+    log(f"{arch} V={vocab} {dtype}, {torch.get_num_threads()} threads: self CPU seconds per step "
+        f"(median of {steps}), load {os.getloadavg()[0]:.2f}")
+    for impl in impls:
+        case = Case(impl, arch, vocab, dtype, size=size)
+        case.step()
+        case.step()
+        runs = []
+        for _ in range(steps):
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                case.step()
+            buckets = {}
+            for e in prof.key_averages():
+                buckets[_category(e.key)] = buckets.get(_category(e.key), 0.0) + e.self_cpu_time_total / 1e6
+            runs.append(buckets)
+        keys = sorted({k for r in runs for k in r}, key=lambda k: -statistics.median(r.get(k, 0.0) for r in runs))
+        total = statistics.median(sum(r.values()) for r in runs)
+        log(f"  {impl:21s} {total:.3f} s: " + ", ".join(
+            f"{k} {statistics.median(r.get(k, 0.0) for r in runs):.3f}" for k in keys
+            if statistics.median(r.get(k, 0.0) for r in runs) >= 0.001))
 
 
 # ---- pytest: the smoke shape always (values against hf_per_side), the issue's shapes with LARGE ----------
@@ -265,12 +320,14 @@ def _transformers():
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", IMPLS + ["fastadapt@7"])
 @pytest.mark.parametrize("vocab", VOCABS if LARGE else (SMOKE_VOCAB,))
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_lm_step(benchmark, arch, vocab, impl, dtype):
     _transformers()
     smoke = vocab == SMOKE_VOCAB
+    if "@" in impl and not (smoke and (arch, dtype) == ("llama", "float32")):
+        pytest.skip("the chunk-size row checks the smoke shape in llama float32 only")
     if smoke and impl in COMPILED and (arch, dtype) != ("llama", "float32"):
         pytest.skip("smoke: the compiled rows are traced for llama float32 only (seconds each)")
     case = Case(impl, arch, vocab, dtype, smoke=smoke)
@@ -349,13 +406,20 @@ def main():
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--memory", action="store_true", help="also each variant's peak step memory (fresh processes)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--chunk-sizes", type=int, nargs="+", default=[],
+                   help="also fastadapt with these chunk_size values (rows fastadapt@N)")
+    p.add_argument("--profile", action="store_true", help="where each variant's step time goes, not timings")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     arch, vocab, dtype = args.interleaved
     if dtype not in DTYPES:
         p.error(f"DTYPE must be one of {list(DTYPES)}, got {dtype!r}")
-    interleaved(arch, int(vocab), dtype, args.impls, args.rounds, args.memory)
+    impls = list(args.impls) + [f"fastadapt@{c}" for c in args.chunk_sizes]
+    if args.profile:
+        profile_breakdown(arch, int(vocab), dtype, impls)
+    else:
+        interleaved(arch, int(vocab), dtype, impls, args.rounds, args.memory)
 
 
 if __name__ == "__main__":
