@@ -2,7 +2,6 @@
 files and their errors, and both commands end to end on tiny settings (values, files, resume)."""
 import json
 import math
-import os
 import shlex
 import signal
 import sys
@@ -233,7 +232,8 @@ def _check_report(report, steps=4, eval_every=2):
 
 def _comparable(out):
     report = json.loads((out / "report.json").read_text())
-    rows = [{k: v for k, v in r.items() if k not in ("seconds", "model")} for r in [report["pretrain"]] + report["adapt"]]
+    rows = [{k: v for k, v in r.items() if k not in ("seconds", "model")}
+            for r in [report["pretrain"], *report["adapt"]]]
     weights = {p.name: checkpoint.read_weights(p)[0] for p in [out / "pretrained.safetensors", *out.glob("models/*")]}
     return rows, weights
 

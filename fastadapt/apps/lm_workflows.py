@@ -11,7 +11,6 @@ shuffled epochs of the data (:class:`Rounds`).
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import sys
 import time
